@@ -1,0 +1,90 @@
+# Shared by the project's scripts: installs and starts what the tests and the
+# demo need, each step skipped when already done.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RUN_DIR=${PF_RUN_DIR:-$ROOT/target/run}
+mkdir -p "$RUN_DIR"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+# Debian packages the build needs: libclang for rocksdb's bindings, kcat for
+# looking at topics by hand.
+ensure_packages() {
+  local missing=()
+  ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so' || [ -e /usr/lib/llvm-14/lib/libclang.so ] || missing+=(libclang-dev)
+  command -v cmake >/dev/null || true
+  command -v kcat >/dev/null || missing+=(kcat)
+  command -v pg_ctl >/dev/null || [ -x /usr/lib/postgresql/15/bin/pg_ctl ] || missing+=(postgresql)
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]}"
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+  fi
+}
+
+# The Kafka-protocol broker the tests run against: tansu, built from crates.io
+# (about 11 minutes on two cores, once).
+ensure_tansu() {
+  if command -v tansu >/dev/null; then return; fi
+  say "installing the tansu broker (cargo install tansu@0.6.0; ~11 min on 2 cores, once)"
+  cargo install tansu@0.6.0 --locked --features dynostore --quiet
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_port() {
+  local port=$1 what=$2
+  for _ in $(seq 1 150); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.2
+  done
+  say "$what did not open port $port"; return 1
+}
+
+# Starts tansu on a free loopback port; prints the bootstrap address.
+start_broker() {
+  ensure_tansu
+  local port; port=$(free_port)
+  tansu broker --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine memory://tansu/ >"$RUN_DIR/tansu-$port.log" 2>&1 &
+  echo $! >"$RUN_DIR/tansu-$port.pid"
+  wait_port "$port" tansu
+  echo "127.0.0.1:$port"
+}
+
+stop_broker() {
+  local addr=$1 port=${1##*:}
+  if [ -f "$RUN_DIR/tansu-$port.pid" ]; then
+    kill "$(cat "$RUN_DIR/tansu-$port.pid")" 2>/dev/null || true
+    rm -f "$RUN_DIR/tansu-$port.pid"
+  fi
+  : "$addr"
+}
+
+pg_ready() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
+
+# The local PostgreSQL: started if stopped, with wal_level=logical for the
+# change feed (a restart, once).
+ensure_postgres() {
+  if ! pg_ready && [ -d /etc/postgresql ]; then
+    say "starting PostgreSQL"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+  fi
+  for _ in $(seq 1 50); do pg_ready && break; sleep 0.2; done
+  pg_ready || { say "PostgreSQL does not answer on 127.0.0.1:5432"; return 1; }
+  local level; level=$(psql -h 127.0.0.1 -U postgres -XAtc 'show wal_level')
+  if [ "$level" != logical ] && [ -d /etc/postgresql ]; then
+    say "setting wal_level=logical (restarts PostgreSQL once)"
+    psql -h 127.0.0.1 -U postgres -XAtqc 'ALTER SYSTEM SET wal_level = logical'
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main restart
+    for _ in $(seq 1 50); do pg_ready && break; sleep 0.2; done
+  fi
+}

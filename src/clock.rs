@@ -1,0 +1,5 @@
+//! Processing time, in Unix seconds.
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}

@@ -1,0 +1,424 @@
+//! Settings: each one a flag `--name`, an environment variable
+//! `PROMO_FANOUT_NAME` and a key of the optional TOML file, in that precedence,
+//! over the defaults of SPEC §4.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::error::Actual;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// How the subscription mirror is kept current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MirrorMode {
+    /// Postgres logical replication (needs `wal_level=logical`).
+    Cdc,
+    /// A snapshot, then a re-read of the table every `refresh-interval`.
+    Refresh,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every setting of the service, resolved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// Kafka bootstrap servers.
+    #[serde(deserialize_with = "lenient_string")]
+    pub brokers: String,
+    /// Where `subscribers_restaurants` is read and `subscribers_feedback` written.
+    #[serde(deserialize_with = "lenient_string")]
+    pub postgres_url: String,
+    /// The RocksDB state store's directory.
+    pub state_dir: PathBuf,
+    #[serde(deserialize_with = "lenient_string")]
+    pub input_topic: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub output_topic: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub dlq_topic: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub group_id: String,
+    /// A campaign stops being eligible this long before its end.
+    #[serde(with = "humantime_serde")]
+    pub expiry_margin: Duration,
+    pub mirror_mode: MirrorMode,
+    /// `refresh` mode: how often the table is re-read.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// Prometheus metrics, `/healthz` and `/readyz`.
+    pub metrics_addr: SocketAddr,
+    pub log_format: LogFormat,
+    /// Input messages read per batch at most.
+    pub batch_size: usize,
+    /// Notifications produced per batch at most: the bound on a batch's memory
+    /// and on what a crash can make the push topic repeat.
+    pub chunk_size: usize,
+    /// How long a batch waits for more input before it is processed.
+    #[serde(with = "humantime_serde")]
+    pub batch_linger: Duration,
+    /// Input values over this many bytes are bad input.
+    pub max_message_bytes: usize,
+    /// How long after a campaign's end its sent set is kept (and a repeat of
+    /// the campaign is still recognised) before it is dropped from the store.
+    #[serde(with = "humantime_serde")]
+    pub sent_retention: Duration,
+    /// Kafka client properties passed through to librdkafka, e.g.
+    /// `sasl.mechanism`.
+    #[serde(deserialize_with = "flat_properties")]
+    pub kafka: BTreeMap<String, String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            brokers: "localhost:9092".into(),
+            postgres_url: "postgres://postgres@localhost:5432/postgres".into(),
+            state_dir: PathBuf::from("promo-fanout-state"),
+            input_topic: "restaurant_actions".into(),
+            output_topic: "push_message".into(),
+            dlq_topic: "restaurant_actions.dlq".into(),
+            group_id: "promo-fanout".into(),
+            expiry_margin: Duration::from_secs(600),
+            mirror_mode: MirrorMode::Refresh,
+            refresh_interval: Duration::from_secs(30),
+            metrics_addr: "127.0.0.1:9898".parse().expect("valid address"),
+            log_format: LogFormat::Text,
+            batch_size: 1000,
+            chunk_size: 5000,
+            batch_linger: Duration::from_millis(20),
+            max_message_bytes: 256 * 1024,
+            sent_retention: Duration::from_secs(24 * 3600),
+            kafka: BTreeMap::new(),
+        }
+    }
+}
+
+/// The settings given as flags: only those present override the layers below.
+#[derive(Debug, Default, Clone, Serialize, clap::Args)]
+#[serde(rename_all = "kebab-case")]
+pub struct SettingsArgs {
+    /// TOML file with settings (keys as the flag names).
+    #[arg(long, global = true, env = "PROMO_FANOUT_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres_url: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_topic: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_topic: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dlq_topic: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// e.g. `10m`, `0s`.
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expiry_margin: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror_mode: Option<MirrorMode>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_interval: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk_size: Option<usize>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_linger: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<usize>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_retention: Option<String>,
+    /// A Kafka client property, `PROP=VALUE` (repeatable), e.g.
+    /// `--kafka security.protocol=SASL_SSL`.
+    #[arg(long = "kafka", global = true, value_name = "PROP=VALUE", value_parser = parse_property)]
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "properties_as_map"
+    )]
+    pub kafka: Vec<(String, String)>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected PROP=VALUE, got {s:?}")),
+    }
+}
+
+fn properties_as_map<S: serde::Serializer>(
+    props: &[(String, String)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    // Dots would nest the keys; `flat_properties` joins them back either way.
+    s.collect_map(props.iter().map(|(k, v)| (k, v)))
+}
+
+/// Resolution failed: the message says which setting and where it came from.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid settings: {0}")]
+pub struct SettingsError(String);
+
+impl Settings {
+    /// Resolves flags > environment > TOML file > defaults.
+    pub fn load(args: &SettingsArgs) -> Result<Settings, SettingsError> {
+        Self::figment(args)?
+            .extract()
+            .map_err(|e| SettingsError(describe(e)))
+    }
+
+    fn figment(args: &SettingsArgs) -> Result<Figment, SettingsError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = &args.config {
+            if !path.exists() {
+                return Err(SettingsError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let env = Env::prefixed("PROMO_FANOUT_")
+            .ignore(&["config", "failpoints"])
+            .map(|key| env_key(key.as_str()).into());
+        Ok(figment.merge(env).merge(Serialized::defaults(args.clone())))
+    }
+
+    /// The Postgres URL with any password masked, for logs.
+    pub fn postgres_url_redacted(&self) -> String {
+        redact_url(&self.postgres_url)
+    }
+
+    /// The state dir as a path.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Kafka properties safe to log: secrets masked.
+    pub fn kafka_redacted(&self) -> BTreeMap<String, String> {
+        self.kafka
+            .iter()
+            .map(|(k, v)| {
+                let secret = ["password", "secret", "sasl.jaas", "key.pem", "token"]
+                    .iter()
+                    .any(|s| k.contains(s));
+                (k.clone(), if secret { "***".into() } else { v.clone() })
+            })
+            .collect()
+    }
+}
+
+/// `postgres_url` → `postgres-url`; `kafka_sasl_mechanism` → `kafka.sasl.mechanism`.
+fn env_key(key: &str) -> String {
+    let key = key.to_ascii_lowercase();
+    match key.strip_prefix("kafka_") {
+        Some(prop) => format!("kafka.{}", prop.replace('_', ".")),
+        None => key.replace('_', "-"),
+    }
+}
+
+fn describe(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|e| {
+            let mut s = e.to_string();
+            if let Some(md) = &e.metadata {
+                s.push_str(&format!(" (from {})", md.name));
+                if let Some(src) = &md.source {
+                    s.push_str(&format!(" {src}"));
+                }
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Masks the password of a `postgres://user:password@host/db` URL or a
+/// `password=...` key/value pair.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((auth, host)) = rest.rsplit_once('@') {
+            if let Some((user, _)) = auth.split_once(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some(("password", _)) => "password=***".to_owned(),
+            _ => kv.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Environment values arrive parsed (`123` as a number): take any scalar as text.
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let v = <Value as Deserialize>::deserialize(d)?;
+    scalar_text(&v).ok_or_else(|| serde::de::Error::custom(format!("expected a string, got {v:?}")))
+}
+
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(_, s) => Some(s.clone()),
+        Value::Char(_, c) => Some(c.to_string()),
+        Value::Bool(_, b) => Some(b.to_string()),
+        Value::Num(_, n) => Some(match n.to_actual() {
+            Actual::Unsigned(u) => u.to_string(),
+            Actual::Signed(i) => i.to_string(),
+            Actual::Float(f) => f.to_string(),
+            other => other.to_string(),
+        }),
+        _ => None,
+    }
+}
+
+/// `kafka.sasl.mechanism` nests as `{kafka: {sasl: {mechanism: ..}}}` in TOML and
+/// in the environment; librdkafka wants it flat again.
+fn flat_properties<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    fn walk(prefix: &str, dict: &Dict, out: &mut BTreeMap<String, String>) -> Result<(), String> {
+        for (k, v) in dict {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                Value::Dict(_, inner) => walk(&key, inner, out)?,
+                other => {
+                    let text = scalar_text(other)
+                        .ok_or_else(|| format!("kafka.{key}: expected a scalar value"))?;
+                    out.insert(key, text);
+                }
+            }
+        }
+        Ok(())
+    }
+    let dict = Dict::deserialize(d)?;
+    let mut out = BTreeMap::new();
+    walk("", &dict, &mut out).map_err(serde::de::Error::custom)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+// figment's `Jail` closures return its own (large) error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn flags_beat_env_beat_file_beat_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "pf.toml",
+                r#"
+                group-id = "from-file"
+                input-topic = "file-topic"
+                output-topic = "file-out"
+                expiry-margin = "5m"
+                kafka.security.protocol = "SASL_SSL"
+                kafka."sasl.mechanism" = "SCRAM-SHA-512"
+                "#,
+            )?;
+            jail.set_env("PROMO_FANOUT_INPUT_TOPIC", "env-topic");
+            jail.set_env("PROMO_FANOUT_OUTPUT_TOPIC", "env-out");
+            jail.set_env("PROMO_FANOUT_GROUP_ID", "123");
+            jail.set_env("PROMO_FANOUT_KAFKA_LINGER_MS", "7");
+            let args = SettingsArgs {
+                config: Some("pf.toml".into()),
+                output_topic: Some("flag-out".into()),
+                kafka: vec![("client.id".into(), "x".into())],
+                ..Default::default()
+            };
+            let s = Settings::load(&args).map_err(|e| e.to_string())?;
+            assert_eq!(s.output_topic, "flag-out");
+            assert_eq!(s.input_topic, "env-topic");
+            assert_eq!(s.group_id, "123");
+            assert_eq!(s.expiry_margin, Duration::from_secs(300));
+            assert_eq!(s.dlq_topic, "restaurant_actions.dlq");
+            assert_eq!(s.kafka["security.protocol"], "SASL_SSL");
+            assert_eq!(s.kafka["sasl.mechanism"], "SCRAM-SHA-512");
+            assert_eq!(s.kafka["linger.ms"], "7");
+            assert_eq!(s.kafka["client.id"], "x");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file("pf.toml", "brokerz = \"x\"\n")?;
+            let args = SettingsArgs {
+                config: Some("pf.toml".into()),
+                ..Default::default()
+            };
+            let e = Settings::load(&args).unwrap_err().to_string();
+            assert!(e.contains("brokerz") && e.contains("pf.toml"), "{e}");
+
+            jail.create_file("pf.toml", "expiry-margin = \"ten minutes\"\n")?;
+            let e = Settings::load(&args).unwrap_err().to_string();
+            assert!(e.contains("expiry-margin"), "{e}");
+
+            jail.create_file("pf.toml", "brokers = [\n")?;
+            let e = Settings::load(&args).unwrap_err().to_string();
+            assert!(e.contains("pf.toml"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(
+            redact_url("host=db password=s3cret user=u"),
+            "host=db password=*** user=u"
+        );
+        let s = Settings {
+            kafka: [("sasl.password".to_owned(), "p".to_owned())].into(),
+            ..Default::default()
+        };
+        assert_eq!(s.kafka_redacted()["sasl.password"], "***");
+    }
+}

@@ -1,0 +1,104 @@
+//! `/healthz`, `/readyz` and `/metrics` on `metrics-addr`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// What readiness is made of; each flag is set by the part it describes.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The first snapshot of the mirror is complete.
+    pub mirror_loaded: AtomicBool,
+    /// The last Postgres write (or connection) succeeded.
+    pub postgres_ok: AtomicBool,
+    /// The last Kafka delivery (or connection) succeeded.
+    pub kafka_ok: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.mirror_loaded.load(Ordering::Relaxed)
+            && self.postgres_ok.load(Ordering::Relaxed)
+            && self.kafka_ok.load(Ordering::Relaxed)
+    }
+
+    fn reasons(&self) -> String {
+        let mut out = Vec::new();
+        if !self.mirror_loaded.load(Ordering::Relaxed) {
+            out.push("mirror not loaded");
+        }
+        if !self.postgres_ok.load(Ordering::Relaxed) {
+            out.push("postgres unreachable");
+        }
+        if !self.kafka_ok.load(Ordering::Relaxed) {
+            out.push("kafka unreachable");
+        }
+        out.join(", ")
+    }
+}
+
+/// Installs the Prometheus recorder (once per process) and returns its handle.
+pub fn install_metrics() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+                .expect("static buckets")
+                .install_recorder()
+                .expect("the metrics recorder is installed once")
+        })
+        .clone()
+}
+
+/// Serves the endpoints until `shutdown` fires. Binding errors are returned at
+/// once, so a taken port is reported at start.
+pub async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    metrics: PrometheusHandle,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { metrics.render() }
+            }),
+        )
+        .with_state(health);
+    Ok(tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(error) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(%error, "health endpoint failed");
+        }
+    }))
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+    if health.ready() {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", health.reasons()),
+        )
+    }
+}

@@ -1,0 +1,136 @@
+//! The `promo-fanout` binary: parses the command line, resolves the settings
+//! and hands over to the library. Errors meet the user here, as one line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use promo_fanout::config::{LogFormat, Settings, SettingsArgs};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(
+    name = "promo-fanout",
+    version,
+    about = "Fans restaurant promotions out to their subscribers, crash-safe"
+)]
+struct Cli {
+    #[command(flatten)]
+    settings: SettingsArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Run,
+    /// Apply migrations/ to Postgres.
+    Migrate,
+    /// Inspect or rebuild the state store.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+    /// The whole pipeline on an embedded setup (a mock Kafka cluster and a
+    /// scratch Postgres database), showing what it does.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Print the store as JSON lines, one object per entry with a `table` field.
+    Dump {
+        /// Only this table: subscriptions, campaigns, sent, positions or meta.
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Rebuild the store from Postgres: the mirror from a snapshot, the sent
+    /// set from subscribers_feedback.
+    Rebuild,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(&cli.settings) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("promo-fanout: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(settings.log_format);
+    if let Err(e) = promo_fanout::failpoint::setup() {
+        eprintln!("promo-fanout: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
+    match runtime.block_on(dispatch(cli.command, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("promo-fanout: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Run => {
+            let shutdown = shutdown_on_signal();
+            promo_fanout::pipeline::run(settings, shutdown).await?;
+        }
+        Command::Migrate => {
+            let applied = promo_fanout::migrate::migrate(&settings.postgres_url).await?;
+            if applied.is_empty() {
+                println!("migrations: up to date");
+            }
+            for m in applied {
+                println!("migrations: applied {m}");
+            }
+        }
+        Command::State {
+            command: StateCommand::Dump { table },
+        } => {
+            let stdout = std::io::stdout();
+            promo_fanout::dump::dump(&settings.state_dir, table.as_deref(), &mut stdout.lock())?;
+        }
+        Command::State {
+            command: StateCommand::Rebuild,
+        } => {
+            let report = promo_fanout::rebuild::rebuild(&settings).await?;
+            println!("{report}");
+        }
+        Command::Demo => promo_fanout::demo::demo(settings).await?,
+    }
+    Ok(())
+}
+
+/// SIGTERM or Ctrl-C turns the returned flag true: the batch in flight
+/// finishes, commits, and the service exits 0.
+fn shutdown_on_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested; finishing the batch in flight");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,158 @@
+//! The input topic: every partition assigned to this single node, read from
+//! the positions the state store holds (or the group's committed offsets for a
+//! fresh store), in batches.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::time::Instant;
+
+use crate::config::Settings;
+use crate::retry::SinkError;
+use crate::sinks::kafka_config;
+
+/// One input message, detached from the consumer.
+#[derive(Debug, Clone)]
+pub struct InputMessage {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+pub struct Source {
+    consumer: StreamConsumer,
+    topic: String,
+}
+
+impl Source {
+    pub fn new(settings: &Settings) -> Result<Source, KafkaError> {
+        let mut config = kafka_config(settings);
+        config
+            .set("group.id", &settings.group_id)
+            .set("enable.partition.eof", "false");
+        if !settings.kafka.contains_key("auto.offset.reset") {
+            config.set("auto.offset.reset", "earliest");
+        }
+        // Offsets move only when a batch is durable, by `commit` below.
+        config
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        Ok(Source {
+            consumer: config.create()?,
+            topic: settings.input_topic.clone(),
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The input topic's partitions, from the broker's metadata.
+    pub fn partitions(&self, timeout: Duration) -> Result<Vec<i32>, SinkError> {
+        let metadata = tokio::task::block_in_place(|| {
+            self.consumer.fetch_metadata(Some(&self.topic), timeout)
+        })
+        .map_err(SinkError::Kafka)?;
+        let topic = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == self.topic)
+            .ok_or(SinkError::Kafka(KafkaError::MetadataFetch(
+                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+            )))?;
+        if let Some(err) = topic.error() {
+            return Err(SinkError::Kafka(KafkaError::MetadataFetch(err.into())));
+        }
+        Ok(topic.partitions().iter().map(|p| p.id()).collect())
+    }
+
+    /// Assigns every partition, each from its stored position when there is
+    /// one, else from the group's committed offset (else `auto.offset.reset`).
+    pub fn assign(
+        &self,
+        partitions: &[i32],
+        stored: &BTreeMap<i32, i64>,
+    ) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            let offset = stored
+                .get(p)
+                .map_or(Offset::Stored, |next| Offset::Offset(*next));
+            tpl.add_partition_offset(&self.topic, *p, offset)?;
+        }
+        self.consumer.assign(&tpl)
+    }
+
+    /// Waits up to `wait` for a first message, then takes what else arrives
+    /// within `linger`, `max` messages at most.
+    pub async fn next_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+        linger: Duration,
+    ) -> Vec<InputMessage> {
+        let mut out = Vec::new();
+        let first_deadline = Instant::now() + wait;
+        let mut deadline = first_deadline;
+        while out.len() < max {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Err(_) => break,
+                Ok(Ok(m)) => {
+                    if out.is_empty() {
+                        deadline = Instant::now() + linger;
+                    }
+                    out.push(InputMessage {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        value: m.payload().map(<[u8]>::to_vec),
+                    });
+                }
+                Ok(Err(error)) => {
+                    // librdkafka reconnects by itself; report and keep reading.
+                    tracing::warn!(%error, "input topic read failed");
+                    metrics::counter!("promo_fanout_retries_total", "cause" => "kafka_source")
+                        .increment(1);
+                    if out.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Tells the group how far this node has got. Only for display and for a
+    /// fresh store: the store's positions are the truth.
+    pub fn commit(&self, positions: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in positions {
+            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next))?;
+        }
+        self.consumer.commit(&tpl, CommitMode::Async)
+    }
+
+    /// Per partition, how many messages lie past `positions` (the high
+    /// watermark minus the position).
+    pub fn lag(&self, positions: &BTreeMap<i32, i64>) -> BTreeMap<i32, i64> {
+        positions
+            .iter()
+            .filter_map(|(p, next)| {
+                let (_, high) = self
+                    .consumer
+                    .fetch_watermarks(&self.topic, *p, Duration::from_millis(500))
+                    .ok()?;
+                Some((*p, (high - next).max(0)))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,188 @@
+//! `state dump`: every entry of the store as a typed, printable value.
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::codec::{decode, hex};
+use crate::{
+    keys, Campaign, Identity, MirrorMode, MirrorPosition, Progress, Store, StoreError, Table,
+};
+
+/// One stored entry, in the shape `state dump` prints it (with a `table` field).
+#[derive(Debug, Serialize)]
+#[serde(tag = "table", rename_all = "snake_case")]
+pub enum Entry {
+    Subscriptions(SubscriptionEntry),
+    Campaigns(CampaignEntry),
+    Sent {
+        restaurant_id: Uuid,
+        adv_campaign_id: Uuid,
+        client_id: Uuid,
+        expires_at: i64,
+    },
+    Positions(PositionEntry),
+    Meta(MetaEntry),
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SubscriptionEntry {
+    /// The fan-out index: restaurant, then client, then source row.
+    ByRestaurant {
+        restaurant_id: Uuid,
+        client_id: Uuid,
+        row_id: i64,
+    },
+    /// The row index a row-level delete needs.
+    ByRow {
+        row_id: i64,
+        restaurant_id: Uuid,
+        client_id: Uuid,
+    },
+}
+
+/// A campaign as printed: the stored fields, progress spelled out.
+#[derive(Debug, Serialize)]
+pub struct CampaignEntry {
+    pub restaurant_id: Uuid,
+    pub adv_campaign_id: Uuid,
+    pub adv_campaign_content: String,
+    pub adv_campaign_owner: Option<String>,
+    pub adv_campaign_owner_contact: Option<String>,
+    pub adv_campaign_datetime_start: i64,
+    pub adv_campaign_datetime_end: i64,
+    pub datetime_created: i64,
+    pub progress: ProgressEntry,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "state", content = "after_client_id", rename_all = "snake_case")]
+pub enum ProgressEntry {
+    NotStarted,
+    After(Uuid),
+    Done,
+}
+
+impl From<Campaign> for CampaignEntry {
+    fn from(c: Campaign) -> Self {
+        CampaignEntry {
+            restaurant_id: c.restaurant_id,
+            adv_campaign_id: c.adv_campaign_id,
+            adv_campaign_content: c.adv_campaign_content,
+            adv_campaign_owner: c.adv_campaign_owner,
+            adv_campaign_owner_contact: c.adv_campaign_owner_contact,
+            adv_campaign_datetime_start: c.adv_campaign_datetime_start,
+            adv_campaign_datetime_end: c.adv_campaign_datetime_end,
+            datetime_created: c.datetime_created,
+            progress: match c.progress {
+                Progress::NotStarted => ProgressEntry::NotStarted,
+                Progress::After(client) => ProgressEntry::After(client),
+                Progress::Done => ProgressEntry::Done,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PositionEntry {
+    Input {
+        partition: i32,
+        next_offset: i64,
+    },
+    Mirror {
+        mode: &'static str,
+        snapshot_complete: bool,
+        lsn: Option<String>,
+        slot: Option<String>,
+        synced_at: i64,
+    },
+}
+
+impl From<MirrorPosition> for PositionEntry {
+    fn from(p: MirrorPosition) -> Self {
+        PositionEntry::Mirror {
+            mode: match p.mode {
+                MirrorMode::Refresh => "refresh",
+                MirrorMode::Cdc => "cdc",
+            },
+            snapshot_complete: p.snapshot_complete,
+            // Postgres's own notation, e.g. 0/16B3748.
+            lsn: p
+                .lsn
+                .map(|l| format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)),
+            slot: p.slot,
+            synced_at: p.synced_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "key", rename_all = "snake_case")]
+pub enum MetaEntry {
+    SchemaVersion { value: u32 },
+    Identity(Identity),
+    Unknown { raw_key: String },
+}
+
+impl Store {
+    /// Every entry of `table`, in key order.
+    pub fn dump(&self, table: Table) -> impl Iterator<Item = Result<Entry, StoreError>> + '_ {
+        self.raw_entries(table)
+            .map(move |item| item.and_then(|(k, v)| decode_entry(table, &k, &v)))
+    }
+}
+
+fn decode_entry(table: Table, k: &[u8], v: &[u8]) -> Result<Entry, StoreError> {
+    let name = table.name();
+    let bad_key = || StoreError::Corrupt {
+        table: name,
+        key: hex(k),
+        reason: "unexpected key layout".into(),
+    };
+    Ok(match table {
+        Table::Subscriptions => match (k.first(), k.len()) {
+            (Some(&keys::SUB_BY_RESTAURANT), 41) => {
+                Entry::Subscriptions(SubscriptionEntry::ByRestaurant {
+                    restaurant_id: keys::uuid_at(k, 1),
+                    client_id: keys::uuid_at(k, 17),
+                    row_id: keys::from_ordered_i64(&k[33..]),
+                })
+            }
+            (Some(&keys::SUB_BY_ROW), 9) => {
+                let (r, c): (Uuid, Uuid) = decode(name, k, v)?;
+                Entry::Subscriptions(SubscriptionEntry::ByRow {
+                    row_id: keys::from_ordered_i64(&k[1..]),
+                    restaurant_id: r,
+                    client_id: c,
+                })
+            }
+            _ => return Err(bad_key()),
+        },
+        Table::Campaigns => Entry::Campaigns(decode::<Campaign>(name, k, v)?.into()),
+        Table::Sent if k.len() == 48 => Entry::Sent {
+            restaurant_id: keys::uuid_at(k, 0),
+            adv_campaign_id: keys::uuid_at(k, 16),
+            client_id: keys::uuid_at(k, 32),
+            expires_at: decode(name, k, v)?,
+        },
+        Table::Sent => return Err(bad_key()),
+        Table::Positions => match (k.first(), k.len()) {
+            (Some(&keys::INPUT_POSITION), 5) => Entry::Positions(PositionEntry::Input {
+                partition: keys::from_ordered_i32(&k[1..]),
+                next_offset: decode(name, k, v)?,
+            }),
+            (Some(&keys::MIRROR_POSITION), 1) => {
+                Entry::Positions(decode::<MirrorPosition>(name, k, v)?.into())
+            }
+            _ => return Err(bad_key()),
+        },
+        Table::Meta => Entry::Meta(match k {
+            keys::META_SCHEMA_VERSION => MetaEntry::SchemaVersion {
+                value: decode(name, k, v)?,
+            },
+            keys::META_IDENTITY => MetaEntry::Identity(decode(name, k, v)?),
+            _ => MetaEntry::Unknown { raw_key: hex(k) },
+        }),
+    })
+}

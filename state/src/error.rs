@@ -1,0 +1,57 @@
+//! The errors the state store reports, each naming the problem and the way out.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong opening, reading or committing the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot open the state store at {path}: {source}; if the directory is damaged, move it \
+         aside and run `promo-fanout state rebuild`"
+    )]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+
+    #[error(
+        "the state store at {path} has schema version {found}, this build understands {supported}; \
+         use a matching promo-fanout build, or move the directory aside and run \
+         `promo-fanout state rebuild`"
+    )]
+    SchemaVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+
+    #[error(
+        "the state store at {path} belongs to group {found_group:?} on topic {found_topic:?}, not \
+         group {group:?} on topic {topic:?}; point --state-dir at this pipeline's own directory, \
+         or move it aside and run `promo-fanout state rebuild`"
+    )]
+    ForeignStore {
+        path: PathBuf,
+        found_group: String,
+        found_topic: String,
+        group: String,
+        topic: String,
+    },
+
+    #[error(
+        "the state store at {path} holds data but no schema version: it was not written by \
+         promo-fanout; point --state-dir at an empty directory or a promo-fanout store"
+    )]
+    NotAStore { path: PathBuf },
+
+    #[error("{table} entry {key} cannot be decoded: {reason}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+
+    #[error("state store I/O failed: {0}")]
+    Io(#[from] rocksdb::Error),
+}

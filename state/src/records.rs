@@ -1,0 +1,80 @@
+//! The typed values of each table.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The layout of keys and tables this build reads and writes. A store with
+/// another version is refused rather than misread.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Which pipeline a store belongs to: a store carries the group and topic it
+/// recorded positions for, so it is never resumed against another one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub group_id: String,
+    pub input_topic: String,
+}
+
+/// One mirrored row of `subscribers_restaurants`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    pub row_id: i64,
+    pub restaurant_id: Uuid,
+    pub client_id: Uuid,
+}
+
+/// A scheduled or active campaign and how far its fan-out has gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Campaign {
+    pub restaurant_id: Uuid,
+    pub adv_campaign_id: Uuid,
+    pub adv_campaign_content: String,
+    pub adv_campaign_owner: Option<String>,
+    pub adv_campaign_owner_contact: Option<String>,
+    /// Unix seconds.
+    pub adv_campaign_datetime_start: i64,
+    /// Unix seconds.
+    pub adv_campaign_datetime_end: i64,
+    /// Unix seconds.
+    pub datetime_created: i64,
+    pub progress: Progress,
+}
+
+/// How far the fan-out of a campaign has walked the restaurant's subscribers,
+/// which come in client-id order.
+///
+/// Stored with bincode, which needs serde's default enum representation: the
+/// dump's JSON shape is made in `dump.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Progress {
+    /// Not started: waiting for its start time.
+    NotStarted,
+    /// Every subscriber up to and including this client has been handled.
+    After(Uuid),
+    /// Every subscriber present when the scan passed has been handled.
+    Done,
+}
+
+/// How the subscription mirror is kept up to date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MirrorMode {
+    /// Snapshot, then periodic re-reads of the table.
+    Refresh,
+    /// Snapshot, then Postgres logical replication.
+    Cdc,
+}
+
+/// Where the mirror stands, written in the same batch as the rows it covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorPosition {
+    pub mode: MirrorMode,
+    /// The first full snapshot has been applied; until then the mirror is
+    /// incomplete and no fan-out may trust it.
+    pub snapshot_complete: bool,
+    /// Logical replication: the last LSN whose changes are in the mirror.
+    pub lsn: Option<u64>,
+    /// Logical replication: the slot the stream comes from.
+    pub slot: Option<String>,
+    /// Unix seconds of the last snapshot or re-read applied.
+    pub synced_at: i64,
+}

@@ -1,0 +1,402 @@
+//! The core pipeline end to end, on the real broker and Postgres: every row of
+//! SPEC §2, the DLQ, restarts and `state dump`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn u() -> Uuid {
+    Uuid::new_v4()
+}
+
+/// Waits until the service has consumed `n` input messages in all.
+fn consumed(service: &Service, n: usize) {
+    wait_for(&format!("{n} input messages consumed"), WAIT, || {
+        (service.metric("promo_fanout_messages_consumed_total") >= n as f64).then_some(())
+    });
+}
+
+fn triples(records: &[Record]) -> Vec<(Uuid, Uuid, Uuid)> {
+    let mut v: Vec<_> = records
+        .iter()
+        .map(|r| {
+            let j = r.json();
+            let p = |f: &str| Uuid::parse_str(j[f].as_str().unwrap()).unwrap();
+            (p("restaurant_id"), p("adv_campaign_id"), p("client_id"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_case_of_the_semantics() {
+    let db = Db::migrated();
+    let topics = Topics::new(2);
+    let state = tempfile::tempdir().unwrap();
+
+    let (r1, r2, r_empty, r_unknown) = (u(), u(), u(), u());
+    let (a, b, c) = (u(), u(), u());
+    db.subscribe(r1, a);
+    db.subscribe(r1, a); // the same pair in two rows
+    db.subscribe(r1, b);
+    db.subscribe(r2, a); // one client in two restaurants
+    db.subscribe(r2, c);
+    let _ = r_empty;
+
+    let mut service = Service::start(&db, &topics, state.path(), &["--expiry-margin", "10m"]);
+    let p = Producer::new();
+    let now = now();
+    let (k_live, k_r2, k_empty, k_unknown, k_expired, k_margin, k_sched) =
+        (u(), u(), u(), u(), u(), u(), u());
+    let start_at = now + 6;
+    p.send_action(&topics.input, &live_action(r1, k_live));
+    p.send_action(&topics.input, &live_action(r2, k_r2));
+    p.send_action(&topics.input, &live_action(r_empty, k_empty));
+    p.send_action(&topics.input, &live_action(r_unknown, k_unknown));
+    p.send_action(
+        &topics.input,
+        &action(r1, k_expired, now - 7200, now - 3600),
+    );
+    // Ends in 5 minutes: inside the 10-minute margin.
+    p.send_action(&topics.input, &action(r1, k_margin, now - 60, now + 300));
+    p.send_action(&topics.input, &action(r1, k_sched, start_at, now + 3600));
+    // The same campaign again, and once more with new content.
+    p.send_action(&topics.input, &live_action(r1, k_live));
+    let mut updated = live_action(r1, k_live);
+    updated["adv_campaign_content"] = "now two for one".into();
+    p.send_action(&topics.input, &updated);
+    consumed(&service, 9);
+
+    let mut push = Reader::new(&topics.output);
+    let expected_now = {
+        let mut v = vec![
+            (r1, k_live, a),
+            (r1, k_live, b),
+            (r2, k_r2, a),
+            (r2, k_r2, c),
+        ];
+        v.sort();
+        v
+    };
+    push.until(4, WAIT);
+    push.drain(Duration::from_secs(1));
+    if now + 1 < start_at {
+        // Everything before the scheduled one is in, and it is not yet.
+        assert_eq!(
+            triples(&push.seen),
+            expected_now,
+            "before the scheduled start"
+        );
+    }
+
+    // The scheduled campaign fires once it starts.
+    push.until(6, WAIT);
+    push.drain(Duration::from_secs(2));
+    let mut expected = expected_now.clone();
+    expected.extend([(r1, k_sched, a), (r1, k_sched, b)]);
+    expected.sort();
+    assert_eq!(triples(&push.seen), expected);
+    for r in push
+        .seen
+        .iter()
+        .filter(|r| r.json()["adv_campaign_id"] == k_sched.to_string())
+    {
+        assert!(r.json()["trigger_datetime_created"].as_i64().unwrap() >= start_at);
+    }
+
+    // The push message: keyed by client, the spec's fields, integer times.
+    let first = push
+        .seen
+        .iter()
+        .find(|r| r.json()["adv_campaign_id"] == k_r2.to_string())
+        .unwrap();
+    let j = first.json();
+    assert_eq!(
+        first.key.as_deref(),
+        Some(j["client_id"].as_str().unwrap().as_bytes())
+    );
+    let fields: BTreeSet<&str> = j.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(
+        fields,
+        BTreeSet::from([
+            "restaurant_id",
+            "adv_campaign_id",
+            "adv_campaign_content",
+            "adv_campaign_owner",
+            "adv_campaign_owner_contact",
+            "adv_campaign_datetime_start",
+            "adv_campaign_datetime_end",
+            "datetime_created",
+            "client_id",
+            "trigger_datetime_created",
+        ])
+    );
+    assert_eq!(j["adv_campaign_owner"], "Ivan Ivanov");
+    assert!(j["adv_campaign_datetime_start"].is_i64() && j["trigger_datetime_created"].is_i64());
+
+    // Postgres: the same set, once each, with the spec's columns.
+    assert_eq!(db.feedback(), expected);
+    let row = db
+        .client()
+        .query_one(
+            "SELECT adv_campaign_content, adv_campaign_owner_contact, feedback, \
+                    extract(epoch FROM adv_campaign_datetime_end)::int8 \
+             FROM subscribers_feedback WHERE adv_campaign_id = $1 LIMIT 1",
+            &[&k_r2],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), format!("campaign {k_r2}"));
+    assert_eq!(
+        row.get::<_, Option<String>>(1).as_deref(),
+        Some("ivan@example.com")
+    );
+    assert_eq!(row.get::<_, Option<String>>(2), None);
+    assert!((row.get::<_, i64>(3) - (now + 3600)).abs() <= 2);
+
+    // The updated action changed the stored campaign, not the recipients.
+    let campaigns = dump(state.path(), Some("campaigns"));
+    let live = campaigns
+        .iter()
+        .find(|c| c["adv_campaign_id"] == k_live.to_string())
+        .unwrap();
+    assert_eq!(live["adv_campaign_content"], "now two for one");
+    // Expired and inside-the-margin actions are counted, never stored.
+    assert!(campaigns
+        .iter()
+        .all(|c| c["adv_campaign_id"] != k_expired.to_string()
+            && c["adv_campaign_id"] != k_margin.to_string()));
+    assert_eq!(service.metric("promo_fanout_actions_expired_total"), 2.0);
+    assert!(Reader::new(&topics.dlq)
+        .drain(Duration::from_millis(500))
+        .is_empty());
+    assert!(service.stop().success());
+}
+
+#[test]
+fn bad_input_goes_to_the_dlq_and_the_partition_keeps_flowing() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let (r, client, k) = (u(), u(), u());
+    db.subscribe(r, client);
+    let mut service = Service::start(&db, &topics, state.path(), &["--max-message-bytes", "2048"]);
+    let p = Producer::new();
+
+    let mut bad_uuid = live_action(r, k);
+    bad_uuid["adv_campaign_id"] = "12-x".into();
+    let mut missing = live_action(r, k);
+    missing.as_object_mut().unwrap().remove("restaurant_id");
+    let mut mistyped = live_action(r, k);
+    mistyped["adv_campaign_datetime_start"] = "tomorrow".into();
+    let mut empty = live_action(r, k);
+    empty["adv_campaign_content"] = "".into();
+    let mut backwards = live_action(r, k);
+    backwards["adv_campaign_datetime_start"] = (now() + 7200).into();
+    let mut huge = live_action(r, k);
+    huge["adv_campaign_content"] = "x".repeat(4096).into();
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"\xff\xfe not utf-8".to_vec(), "value: not valid UTF-8"),
+        (b"[1,2,3]".to_vec(), "value: expected a JSON object"),
+        (b"{\"restaurant_id\": ".to_vec(), "value: not valid JSON"),
+        (
+            bad_uuid.to_string().into_bytes(),
+            "adv_campaign_id: invalid UUID \"12-x\"",
+        ),
+        (missing.to_string().into_bytes(), "restaurant_id: missing"),
+        (
+            mistyped.to_string().into_bytes(),
+            "adv_campaign_datetime_start: expected an integer",
+        ),
+        (
+            empty.to_string().into_bytes(),
+            "adv_campaign_content: must not be empty",
+        ),
+        (
+            backwards.to_string().into_bytes(),
+            "adv_campaign_datetime_start:",
+        ),
+        (huge.to_string().into_bytes(), "value: "),
+    ];
+    for (i, (bytes, _)) in cases.iter().enumerate() {
+        p.send(
+            &topics.input,
+            Some(format!("key-{i}").as_bytes()),
+            bytes,
+            Some(0),
+        );
+    }
+    // A good message behind the bad ones, in the same partition.
+    p.send(
+        &topics.input,
+        Some(b"good"),
+        live_action(r, k).to_string().as_bytes(),
+        Some(0),
+    );
+    consumed(&service, cases.len() + 1);
+
+    let mut dlq = Reader::new(&topics.dlq);
+    dlq.until(cases.len(), WAIT);
+    dlq.drain(Duration::from_millis(500));
+    assert_eq!(dlq.seen.len(), cases.len());
+    let mut by_key: BTreeMap<String, &Record> = BTreeMap::new();
+    for rec in &dlq.seen {
+        by_key.insert(String::from_utf8(rec.key.clone().unwrap()).unwrap(), rec);
+    }
+    for (i, (bytes, reason)) in cases.iter().enumerate() {
+        let rec = by_key[&format!("key-{i}")];
+        assert_eq!(
+            rec.value.as_deref(),
+            Some(bytes.as_slice()),
+            "case {i}: bytes unchanged"
+        );
+        assert!(
+            rec.headers["error"].starts_with(reason),
+            "case {i}: {:?} vs {reason:?}",
+            rec.headers["error"]
+        );
+        assert_eq!(rec.headers["source_topic"], topics.input);
+        assert_eq!(rec.headers["source_partition"], "0");
+        assert_eq!(rec.headers["source_offset"], i.to_string());
+    }
+    assert!(by_key["key-8"].headers["error"].contains("over the 2048-byte limit"));
+
+    let push = Reader::new(&topics.output).until(1, WAIT).to_vec();
+    assert_eq!(triples(&push), vec![(r, k, client)]);
+    assert_eq!(db.feedback(), vec![(r, k, client)]);
+    assert_eq!(
+        service.metric("promo_fanout_messages_invalid_total"),
+        cases.len() as f64
+    );
+    assert!(service.stop().success());
+}
+
+#[test]
+fn a_restart_resends_nothing_and_new_actions_flow() {
+    let db = Db::migrated();
+    let topics = Topics::new(2);
+    let state = tempfile::tempdir().unwrap();
+    let r = u();
+    let clients: Vec<Uuid> = (0..50).map(|_| u()).collect();
+    db.subscribe_many(r, &clients);
+
+    let mut service = Service::start(&db, &topics, state.path(), &[]);
+    let p = Producer::new();
+    let k1 = u();
+    p.send_action(&topics.input, &live_action(r, k1));
+    consumed(&service, 1);
+    let mut push = Reader::new(&topics.output);
+    push.until(50, WAIT);
+
+    // While the service runs, the dump shows every table.
+    let entries = dump(state.path(), None);
+    let count = |t: &str| entries.iter().filter(|e| e["table"] == t).count();
+    assert_eq!(count("subscriptions"), 100, "50 rows, each indexed twice");
+    assert_eq!(count("campaigns"), 1);
+    assert_eq!(count("sent"), 50);
+    assert!(entries
+        .iter()
+        .any(|e| e["table"] == "positions" && e["kind"] == "input"));
+    assert!(entries.iter().any(|e| e["table"] == "positions"
+        && e["kind"] == "mirror"
+        && e["snapshot_complete"] == true));
+    assert!(entries
+        .iter()
+        .any(|e| e["table"] == "meta" && e["key"] == "schema_version"));
+    let campaign = entries.iter().find(|e| e["table"] == "campaigns").unwrap();
+    assert_eq!(campaign["progress"]["state"], "done");
+
+    assert!(service.stop().success(), "SIGTERM exits 0");
+    service.restart();
+    let k2 = u();
+    p.send_action(&topics.input, &live_action(r, k2));
+    consumed(&service, 1);
+    push.until(100, WAIT);
+    push.drain(Duration::from_secs(1));
+    assert_eq!(
+        push.seen.len(),
+        100,
+        "the first campaign was not sent again"
+    );
+    let mut expected: Vec<_> = clients
+        .iter()
+        .flat_map(|c| [(r, k1, *c), (r, k2, *c)])
+        .collect();
+    expected.sort();
+    assert_eq!(triples(&push.seen), expected);
+    assert_eq!(db.feedback(), expected);
+}
+
+#[test]
+fn a_large_fan_out_goes_in_chunks_exactly_once() {
+    let db = Db::migrated();
+    let topics = Topics::new(4);
+    let state = tempfile::tempdir().unwrap();
+    let r = u();
+    let clients: Vec<Uuid> = (0..12_000).map(|_| u()).collect();
+    db.subscribe_many(r, &clients);
+    let mut service = Service::start(&db, &topics, state.path(), &["--chunk-size", "1000"]);
+    let k = u();
+    Producer::new().send_action(&topics.input, &live_action(r, k));
+    wait_for("12,000 feedback rows", WAIT, || {
+        (db.feedback_count() == 12_000).then_some(())
+    });
+    let mut push = Reader::new(&topics.output);
+    push.until(12_000, WAIT);
+    push.drain(Duration::from_secs(1));
+    assert_eq!(push.seen.len(), 12_000);
+    let distinct: BTreeSet<_> = triples(&push.seen).into_iter().collect();
+    assert_eq!(distinct.len(), 12_000);
+    assert!(
+        service.metric("promo_fanout_batches_committed_total") >= 12.0,
+        "one batch per chunk at least"
+    );
+    let campaign = &dump(state.path(), Some("campaigns"))[0];
+    assert_eq!(campaign["progress"]["state"], "done");
+    assert!(service.stop().success());
+}
+
+#[test]
+fn the_mirror_follows_the_table() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let (r, a, b) = (u(), u(), u());
+    let row_a = db.subscribe(r, a);
+    let mut service = Service::start(&db, &topics, state.path(), &[]);
+    let rows = |v: &[Value]| -> BTreeSet<(i64, String)> {
+        v.iter()
+            .filter(|e| e["kind"] == "by_row")
+            .map(|e| {
+                (
+                    e["row_id"].as_i64().unwrap(),
+                    e["client_id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        rows(&dump(state.path(), Some("subscriptions"))),
+        BTreeSet::from([(row_a, a.to_string())])
+    );
+    let row_b = db.subscribe(r, b);
+    db.client()
+        .execute(
+            "DELETE FROM subscribers_restaurants WHERE id = $1",
+            &[&row_a],
+        )
+        .unwrap();
+    wait_for("the mirror to follow the table", WAIT, || {
+        (rows(&dump(state.path(), Some("subscriptions")))
+            == BTreeSet::from([(row_b, b.to_string())]))
+        .then_some(())
+    });
+    assert!(service.stop().success());
+}
