@@ -6,4 +6,4 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 ensure_packages
 pg_ready || ensure_postgres || true
-cargo run --release --quiet -- demo "$@"
+cargo run --quiet -- demo "$@"

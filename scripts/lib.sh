@@ -3,7 +3,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-RUN_DIR=${PF_RUN_DIR:-$ROOT/target/run}
+RUN_DIR=${PF_RUN_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/run}
 mkdir -p "$RUN_DIR"
 export PATH="$HOME/.cargo/bin:$PATH"
 

@@ -58,7 +58,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(settings.log_format);
+    // The demo prints its own account; its logs would interleave with it.
+    let default_level = if matches!(cli.command, Command::Demo) {
+        "warn"
+    } else {
+        "info,rdkafka=warn"
+    };
+    init_logging(settings.log_format, default_level);
     if let Err(e) = promo_fanout::failpoint::setup() {
         eprintln!("promo-fanout: {e}");
         return ExitCode::from(2);
@@ -123,9 +129,9 @@ fn shutdown_on_signal() -> watch::Receiver<bool> {
     rx
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

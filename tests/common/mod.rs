@@ -413,6 +413,23 @@ impl Service {
         }
     }
 
+    /// The same service again with other environment variables (e.g. no
+    /// fail points), after a stop or a crash.
+    pub fn restart_with_env(&mut self, envs: &[(&str, &str)]) {
+        self.envs = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.restart();
+    }
+
+    /// Waits for the process to end by itself, e.g. at a fail point.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        wait_for("the service to exit", timeout, || {
+            self.child.try_wait().unwrap()
+        })
+    }
+
     /// The same service again, after a stop or a crash.
     pub fn restart(&mut self) {
         let next = Self::spawn(

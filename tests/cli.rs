@@ -1,0 +1,127 @@
+//! What a user sees when something is wrong before the service starts: one
+//! readable line and a non-zero exit, never a silent default or reset.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::BIN;
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .envs(envs.iter().copied())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_config_file_is_named_with_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pf.toml");
+    std::fs::write(&file, "brokers = [\n").unwrap();
+    let o = run(&["run", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("pf.toml"), "{}", stderr(&o));
+
+    std::fs::write(&file, "chunk-size = \"lots\"\n").unwrap();
+    let o = run(&["run", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("chunk-size"), "{}", stderr(&o));
+
+    let o = run(&["run", "--config", "/nonexistent/pf.toml"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+}
+
+#[test]
+fn an_unknown_setting_is_refused() {
+    let o = run(&["run"], &[("PROMO_FANOUT_BROKER", "typo:9092")]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("broker"), "{}", stderr(&o));
+    let o = run(&["run", "--expiry-margin", "ten"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("expiry-margin"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_store_of_another_pipeline_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    {
+        // Create the store as pipeline (g1, t1).
+        let _ = promo_fanout_state::Store::open(
+            std::path::Path::new(state),
+            &promo_fanout_state::Identity {
+                group_id: "g1".into(),
+                input_topic: "t1".into(),
+            },
+        )
+        .unwrap();
+    }
+    let o = run(
+        &[
+            "run",
+            "--state-dir",
+            state,
+            "--group-id",
+            "g2",
+            "--input-topic",
+            "t1",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("belongs to group \"g1\"") && err.contains("state rebuild"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_damaged_store_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("CURRENT"), "MANIFEST-999999\n").unwrap();
+    let o = run(
+        &[
+            "run",
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("cannot open the state store") && err.contains("state rebuild"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dump_explains_what_is_missing() {
+    let o = run(&["state", "dump", "--state-dir", "/nonexistent/state"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no state store at /nonexistent/state"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["state", "dump", "--table", "nope"], &[]);
+    assert!(
+        stderr(&o).contains("subscriptions, campaigns, sent, positions, meta"),
+        "{}",
+        stderr(&o)
+    );
+}
