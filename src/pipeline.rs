@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::action;
 use crate::checkpoint::{Batch, Checkpoint};
 use crate::clock;
-use crate::config::Settings;
+use crate::config::{MirrorMode, Settings};
 use crate::fanout::{self, CampaignKey, Rules, Timing};
 use crate::health::{self, Health};
 use crate::mirror;
@@ -43,6 +43,11 @@ pub enum RunError {
     },
     #[error("kafka client: {0}")]
     KafkaClient(#[from] rdkafka::error::KafkaError),
+    #[error(
+        "mirror-mode = cdc (Postgres logical replication) is not built yet; \
+         use --mirror-mode refresh (the default)"
+    )]
+    CdcUnavailable,
 }
 
 pub fn identity(settings: &Settings) -> Identity {
@@ -55,6 +60,9 @@ pub fn identity(settings: &Settings) -> Identity {
 /// Runs the service until `shutdown` turns true. The batch in flight is
 /// finished and committed first.
 pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    if settings.mirror_mode == MirrorMode::Cdc {
+        return Err(RunError::CdcUnavailable);
+    }
     let store = Arc::new(Store::open(settings.state_dir(), &identity(&settings))?);
     let health = Arc::new(Health::default());
     let server = health::serve(

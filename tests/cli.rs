@@ -125,3 +125,23 @@ fn dump_explains_what_is_missing() {
         stderr(&o)
     );
 }
+
+#[test]
+fn the_change_feed_mode_is_refused_until_it_exists() {
+    let o = run(
+        &[
+            "run",
+            "--mirror-mode",
+            "cdc",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("--mirror-mode refresh"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -1,0 +1,69 @@
+//! Outages: the service keeps running, reports itself not ready, commits
+//! nothing meanwhile, and resumes by itself with nothing lost.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+#[test]
+fn a_postgres_outage_is_waited_out() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let r = Uuid::new_v4();
+    let clients: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    db.subscribe_many(r, &clients);
+
+    let proxy = Proxy::start("127.0.0.1:5432");
+    let via_proxy = db
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    assert_ne!(via_proxy, db.url);
+    let mut args = Service::settings(&db, &topics, state.path());
+    let i = args.iter().position(|a| a == "--postgres-url").unwrap();
+    args[i + 1] = via_proxy;
+    let mut service = Service::spawn(args, vec![], state.path());
+    service.wait_ready();
+
+    proxy.cut();
+    let k = Uuid::new_v4();
+    Producer::new().send_action(&topics.input, &live_action(r, k));
+    wait_for("/readyz to report the outage", WAIT, || {
+        let (status, body) = service.get("/readyz")?;
+        (status == 503 && body.contains("postgres")).then_some(())
+    });
+    wait_for("a retry to be counted", WAIT, || {
+        (service.metric("promo_fanout_retries_total") > 0.0).then_some(())
+    });
+    // Nothing is committed while Postgres is away.
+    assert_eq!(db.feedback_count(), 0);
+    let positions = dump(state.path(), Some("positions"));
+    assert!(
+        positions.iter().all(|p| p["kind"] != "input"),
+        "{positions:?}"
+    );
+    assert!(
+        service.child.try_wait().unwrap().is_none(),
+        "the service keeps running"
+    );
+
+    proxy.restore();
+    wait_for("every feedback row after the outage", WAIT, || {
+        (db.feedback_count() == 20).then_some(())
+    });
+    service.wait_ready();
+    wait_for("the input position to be committed", WAIT, || {
+        dump(state.path(), Some("positions"))
+            .iter()
+            .any(|p| p["kind"] == "input" && p["next_offset"] == 1)
+            .then_some(())
+    });
+    let mut push = Reader::new(&topics.output);
+    push.until(20, WAIT);
+    assert!(service.stop().success());
+}
