@@ -19,6 +19,8 @@ pub struct Health {
     pub postgres_ok: AtomicBool,
     /// The last Kafka delivery (or connection) succeeded.
     pub kafka_ok: AtomicBool,
+    /// The input topic exists and its partitions are assigned.
+    pub input_assigned: AtomicBool,
 }
 
 impl Health {
@@ -26,6 +28,7 @@ impl Health {
         self.mirror_loaded.load(Ordering::Relaxed)
             && self.postgres_ok.load(Ordering::Relaxed)
             && self.kafka_ok.load(Ordering::Relaxed)
+            && self.input_assigned.load(Ordering::Relaxed)
     }
 
     fn reasons(&self) -> String {
@@ -38,6 +41,11 @@ impl Health {
         }
         if !self.kafka_ok.load(Ordering::Relaxed) {
             out.push("kafka unreachable");
+        }
+        if !self.input_assigned.load(Ordering::Relaxed) {
+            out.push(
+                "input topic not found or not assigned yet (create it, or check --input-topic)",
+            );
         }
         out.join(", ")
     }

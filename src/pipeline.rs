@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use promo_fanout_state::{Campaign, Identity, Progress, Store};
+use rdkafka::error::RDKafkaErrorCode;
 use tokio::sync::watch;
 
 use crate::action;
@@ -322,9 +323,21 @@ async fn wait_for_topic(
 ) -> Result<Option<Vec<i32>>, RunError> {
     match until_done(
         "input topic metadata",
-        || async { source.partitions(Duration::from_secs(5)) },
+        || async {
+            let result = source.partitions(Duration::from_secs(5));
+            // The broker answered that the topic is unknown: it is reachable.
+            let answered = match &result {
+                Ok(_) => true,
+                Err(SinkError::Kafka(e)) => {
+                    e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+                }
+                Err(_) => false,
+            };
+            health.kafka_ok.store(answered, Ordering::Relaxed);
+            result
+        },
         shutdown,
-        |ok| health.kafka_ok.store(ok, Ordering::Relaxed),
+        |ok| health.input_assigned.store(ok, Ordering::Relaxed),
     )
     .await
     {
