@@ -400,3 +400,33 @@ fn the_mirror_follows_the_table() {
     });
     assert!(service.stop().success());
 }
+
+#[test]
+fn a_scheduled_campaign_survives_a_restart_and_fires_at_its_start() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let (r, client, k) = (u(), u(), u());
+    db.subscribe(r, client);
+    let mut service = Service::start(&db, &topics, state.path(), &[]);
+    // Far enough ahead that the stop below surely comes first.
+    let start = now() + 20;
+    Producer::new().send_action(&topics.input, &action(r, k, start, start + 3600));
+    consumed(&service, 1);
+    let stored = dump(state.path(), Some("campaigns"));
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0]["progress"]["state"], "not_started");
+    assert!(service.stop().success());
+    assert_eq!(db.feedback_count(), 0, "nothing before the start");
+
+    service.restart();
+    wait_for(
+        "the scheduled campaign to fire after the restart",
+        WAIT,
+        || (db.feedback_count() == 1).then_some(()),
+    );
+    let push = Reader::new(&topics.output).until(1, WAIT).to_vec();
+    assert_eq!(triples(&push), vec![(r, k, client)]);
+    assert!(push[0].json()["trigger_datetime_created"].as_i64().unwrap() >= start);
+    assert!(service.stop().success());
+}
