@@ -67,3 +67,90 @@ fn a_postgres_outage_is_waited_out() {
     push.until(20, WAIT);
     assert!(service.stop().success());
 }
+
+/// The push topic becomes unavailable (staged with librdkafka's mock cluster:
+/// its metadata answers "leader not available"): the service retries, reports
+/// itself not ready, moves no position, and delivers everything once the
+/// topic is back.
+#[test]
+fn a_kafka_outage_is_waited_out() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::RDKafkaRespErr;
+
+    let db = Db::migrated();
+    let state = tempfile::tempdir().unwrap();
+    let mock = MockCluster::new(1).unwrap();
+    let topics = Topics {
+        input: unique("actions"),
+        output: unique("push"),
+        dlq: unique("dlq"),
+        group: unique("group"),
+    };
+    for t in [&topics.input, &topics.output, &topics.dlq] {
+        mock.create_topic(t, 1, 1).unwrap();
+    }
+    let r = Uuid::new_v4();
+    let clients: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
+    db.subscribe_many(r, &clients);
+
+    let mut args = Service::settings(&db, &topics, state.path());
+    let i = args.iter().position(|a| a == "--brokers").unwrap();
+    args[i + 1] = mock.bootstrap_servers();
+    // Surface a stuck delivery as an error within seconds, not librdkafka's 5 minutes.
+    args.extend(["--kafka".into(), "message.timeout.ms=2000".into()]);
+    let mut service = Service::spawn(args, vec![], state.path());
+    service.wait_ready();
+
+    mock.topic_error(
+        &topics.output,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+    )
+    .unwrap();
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap_servers())
+        .create()
+        .unwrap();
+    let k = Uuid::new_v4();
+    let value = live_action(r, k).to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(producer.send(
+        rdkafka::producer::FutureRecord::<(), str>::to(&topics.input).payload(&value),
+        Duration::from_secs(10),
+    ))
+    .map_err(|(e, _)| e)
+    .unwrap();
+
+    wait_for("/readyz to report the outage", WAIT, || {
+        let (status, body) = service.get("/readyz")?;
+        (status == 503 && body.contains("kafka")).then_some(())
+    });
+    wait_for("a kafka retry to be counted", WAIT, || {
+        (service.metric("promo_fanout_retries_total") > 0.0).then_some(())
+    });
+    let positions = dump(state.path(), Some("positions"));
+    assert!(
+        positions.iter().all(|p| p["kind"] != "input"),
+        "no position moves: {positions:?}"
+    );
+    assert_eq!(
+        dump(state.path(), Some("sent")).len(),
+        0,
+        "nothing is marked sent"
+    );
+    assert!(
+        service.child.try_wait().unwrap().is_none(),
+        "the service keeps running"
+    );
+
+    mock.topic_error(&topics.output, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+        .unwrap();
+    wait_for("the batch to commit after the outage", WAIT, || {
+        (dump(state.path(), Some("sent")).len() == 10).then_some(())
+    });
+    service.wait_ready();
+    assert_eq!(db.feedback_count(), 10);
+    assert!(service.stop().success());
+}
