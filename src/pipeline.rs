@@ -25,6 +25,10 @@ use crate::source::Source;
 /// campaigns again.
 const IDLE_WAIT: Duration = Duration::from_millis(250);
 
+/// How often the consumer lag is asked of the broker (one watermark request
+/// per partition).
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
 /// Why the service stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -127,10 +131,19 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         .collect();
     let margin = settings.expiry_margin.as_secs() as i64;
     let mut turn = None;
+    let mut lag_at: Option<std::time::Instant> = None;
 
     loop {
         if *shutdown.borrow() {
             break;
+        }
+        if lag_at.is_none_or(|t| t.elapsed() >= LAG_EVERY) {
+            lag_at = Some(std::time::Instant::now());
+            let lag = tokio::task::block_in_place(|| source.lag(&partitions, &positions));
+            for (partition, behind) in lag {
+                metrics::gauge!("promo_fanout_consumer_lag", "partition" => partition.to_string())
+                    .set(behind as f64);
+            }
         }
         let now = clock::now();
         let busy = campaigns.values().any(|c| {

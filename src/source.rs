@@ -141,16 +141,18 @@ impl Source {
         self.consumer.commit(&tpl, CommitMode::Async)
     }
 
-    /// Per partition, how many messages lie past `positions` (the high
-    /// watermark minus the position).
-    pub fn lag(&self, positions: &BTreeMap<i32, i64>) -> BTreeMap<i32, i64> {
-        positions
+    /// Per partition, how many messages lie past the position (high
+    /// watermark minus position; from the low watermark where none is stored
+    /// yet). Partitions whose watermarks do not come back in time are left out.
+    pub fn lag(&self, partitions: &[i32], positions: &BTreeMap<i32, i64>) -> BTreeMap<i32, i64> {
+        partitions
             .iter()
-            .filter_map(|(p, next)| {
-                let (_, high) = self
+            .filter_map(|p| {
+                let (low, high) = self
                     .consumer
                     .fetch_watermarks(&self.topic, *p, Duration::from_millis(500))
                     .ok()?;
+                let next = positions.get(p).copied().unwrap_or(low);
                 Some((*p, (high - next).max(0)))
             })
             .collect()

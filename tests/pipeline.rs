@@ -313,6 +313,15 @@ fn a_restart_resends_nothing_and_new_actions_flow() {
     let campaign = entries.iter().find(|e| e["table"] == "campaigns").unwrap();
     assert_eq!(campaign["progress"]["state"], "done");
 
+    let (_, metrics) = service.get("/metrics").unwrap();
+    assert!(
+        metrics.contains("promo_fanout_consumer_lag{partition=\"0\"}"),
+        "lag per partition"
+    );
+    assert!(
+        metrics.contains("promo_fanout_commit_seconds_bucket"),
+        "commit latency histogram"
+    );
     assert!(service.stop().success(), "SIGTERM exits 0");
     service.restart();
     let k2 = u();
