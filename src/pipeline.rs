@@ -26,7 +26,7 @@ use crate::source::Source;
 const IDLE_WAIT: Duration = Duration::from_millis(250);
 
 /// How often the consumer lag is asked of the broker (one watermark request
-/// per partition).
+/// per partition, off the batch loop).
 const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the service stopped.
@@ -131,19 +131,12 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         .collect();
     let margin = settings.expiry_margin.as_secs() as i64;
     let mut turn = None;
-    let mut lag_at: Option<std::time::Instant> = None;
+    let (positions_tx, positions_rx) = watch::channel(positions.clone());
+    crate::source::report_lag(&settings, partitions, positions_rx, LAG_EVERY)?;
 
     loop {
         if *shutdown.borrow() {
             break;
-        }
-        if lag_at.is_none_or(|t| t.elapsed() >= LAG_EVERY) {
-            lag_at = Some(std::time::Instant::now());
-            let lag = tokio::task::block_in_place(|| source.lag(&partitions, &positions));
-            for (partition, behind) in lag {
-                metrics::gauge!("promo_fanout_consumer_lag", "partition" => partition.to_string())
-                    .set(behind as f64);
-            }
         }
         let now = clock::now();
         let busy = campaigns.values().any(|c| {
@@ -249,6 +242,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         }
         turn = batch.plan.next_turn.or(turn);
         positions = batch.positions;
+        positions_tx.send_replace(positions.clone());
         let pending = campaigns
             .values()
             .filter(|c| {

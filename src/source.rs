@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::Settings;
@@ -140,21 +141,41 @@ impl Source {
         }
         self.consumer.commit(&tpl, CommitMode::Async)
     }
+}
 
-    /// Per partition, how many messages lie past the position (high
-    /// watermark minus position; from the low watermark where none is stored
-    /// yet). Partitions whose watermarks do not come back in time are left out.
-    pub fn lag(&self, partitions: &[i32], positions: &BTreeMap<i32, i64>) -> BTreeMap<i32, i64> {
-        partitions
-            .iter()
-            .filter_map(|p| {
-                let (low, high) = self
-                    .consumer
-                    .fetch_watermarks(&self.topic, *p, Duration::from_millis(500))
-                    .ok()?;
-                let next = positions.get(p).copied().unwrap_or(low);
-                Some((*p, (high - next).max(0)))
-            })
-            .collect()
-    }
+/// Publishes the consumer lag per partition (high watermark minus the stored
+/// position; from the low watermark where none is stored yet) every `every`.
+/// Watermarks are network round trips, so this runs on a thread and client of
+/// its own instead of in the batch loop. It stops once the sender of
+/// `positions` is dropped.
+pub fn report_lag(
+    settings: &Settings,
+    partitions: Vec<i32>,
+    positions: watch::Receiver<BTreeMap<i32, i64>>,
+    every: Duration,
+) -> Result<(), KafkaError> {
+    let consumer: BaseConsumer = kafka_config(settings)
+        .set("group.id", &settings.group_id)
+        .create()?;
+    let topic = settings.input_topic.clone();
+    std::thread::Builder::new()
+        .name("consumer-lag".into())
+        .spawn(move || {
+            while positions.has_changed().is_ok() {
+                let current = positions.borrow().clone();
+                for p in &partitions {
+                    let Ok((low, high)) =
+                        consumer.fetch_watermarks(&topic, *p, Duration::from_millis(500))
+                    else {
+                        continue;
+                    };
+                    let next = current.get(p).copied().unwrap_or(low);
+                    metrics::gauge!("promo_fanout_consumer_lag", "partition" => p.to_string())
+                        .set((high - next).max(0) as f64);
+                }
+                std::thread::sleep(every);
+            }
+        })
+        .expect("the consumer-lag thread starts");
+    Ok(())
 }
