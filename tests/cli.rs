@@ -20,6 +20,16 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Runs `promo-fanout run` with `args`, checks that it refuses to start
+/// (exit 1), and returns what it said.
+fn refused_at_start(args: &[&str]) -> String {
+    let mut all = vec!["run", "--metrics-addr", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let o = run(&all, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    stderr(&o)
+}
+
 #[test]
 fn a_bad_config_file_is_named_with_its_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -65,22 +75,14 @@ fn a_store_of_another_pipeline_is_refused_at_start() {
         )
         .unwrap();
     }
-    let o = run(
-        &[
-            "run",
-            "--state-dir",
-            state,
-            "--group-id",
-            "g2",
-            "--input-topic",
-            "t1",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
-    assert_eq!(o.status.code(), Some(1));
-    let err = stderr(&o);
+    let err = refused_at_start(&[
+        "--state-dir",
+        state,
+        "--group-id",
+        "g2",
+        "--input-topic",
+        "t1",
+    ]);
     assert!(
         err.contains("belongs to group \"g1\"") && err.contains("state rebuild"),
         "{err}"
@@ -91,18 +93,7 @@ fn a_store_of_another_pipeline_is_refused_at_start() {
 fn a_damaged_store_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("CURRENT"), "MANIFEST-999999\n").unwrap();
-    let o = run(
-        &[
-            "run",
-            "--state-dir",
-            dir.path().to_str().unwrap(),
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
-    assert_eq!(o.status.code(), Some(1));
-    let err = stderr(&o);
+    let err = refused_at_start(&["--state-dir", dir.path().to_str().unwrap()]);
     assert!(
         err.contains("cannot open the state store") && err.contains("state rebuild"),
         "{err}"
@@ -128,20 +119,6 @@ fn dump_explains_what_is_missing() {
 
 #[test]
 fn the_change_feed_mode_is_refused_until_it_exists() {
-    let o = run(
-        &[
-            "run",
-            "--mirror-mode",
-            "cdc",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("--mirror-mode refresh"),
-        "{}",
-        stderr(&o)
-    );
+    let err = refused_at_start(&["--mirror-mode", "cdc"]);
+    assert!(err.contains("--mirror-mode refresh"), "{err}");
 }

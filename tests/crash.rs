@@ -16,17 +16,6 @@ use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn triples(records: &[Record]) -> Vec<(Uuid, Uuid, Uuid)> {
-    records
-        .iter()
-        .map(|r| {
-            let j = r.json();
-            let p = |f: &str| Uuid::parse_str(j[f].as_str().unwrap()).unwrap();
-            (p("restaurant_id"), p("adv_campaign_id"), p("client_id"))
-        })
-        .collect()
-}
-
 /// What the sinks and the store hold after recovery, checked against the
 /// expected notifications. Returns how many push messages were repeats.
 fn check_recovered(
@@ -76,8 +65,7 @@ fn crash_at(point: &str, spec: &str) -> usize {
     let topics = Topics::new(1);
     let state = tempfile::tempdir().unwrap();
     let r = Uuid::new_v4();
-    let clients: Vec<Uuid> = (0..30).map(|_| Uuid::new_v4()).collect();
-    db.subscribe_many(r, &clients);
+    let clients = db.new_subscribers(r, 30);
     let k = Uuid::new_v4();
     let expected: BTreeSet<_> = clients.iter().map(|c| (r, k, *c)).collect();
 
@@ -165,8 +153,7 @@ fn kill_9_at_random_instants_loses_nothing() {
     let mut actions = Vec::new();
     for _ in 0..20 {
         let r = Uuid::new_v4();
-        let clients: Vec<Uuid> = (0..1000).map(|_| Uuid::new_v4()).collect();
-        db.subscribe_many(r, &clients);
+        let clients = db.new_subscribers(r, 1000);
         let k = Uuid::new_v4();
         expected.extend(clients.iter().map(|c| (r, k, *c)));
         actions.push(live_action(r, k));

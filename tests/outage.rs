@@ -16,8 +16,7 @@ fn a_postgres_outage_is_waited_out() {
     let topics = Topics::new(1);
     let state = tempfile::tempdir().unwrap();
     let r = Uuid::new_v4();
-    let clients: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
-    db.subscribe_many(r, &clients);
+    db.new_subscribers(r, 20);
 
     let proxy = Proxy::start("127.0.0.1:5432");
     let via_proxy = db
@@ -25,8 +24,7 @@ fn a_postgres_outage_is_waited_out() {
         .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
     assert_ne!(via_proxy, db.url);
     let mut args = Service::settings(&db, &topics, state.path());
-    let i = args.iter().position(|a| a == "--postgres-url").unwrap();
-    args[i + 1] = via_proxy;
+    Service::set_flag(&mut args, "--postgres-url", via_proxy);
     let mut service = Service::spawn(args, vec![], state.path());
     service.wait_ready();
 
@@ -90,12 +88,10 @@ fn a_kafka_outage_is_waited_out() {
         mock.create_topic(t, 1, 1).unwrap();
     }
     let r = Uuid::new_v4();
-    let clients: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
-    db.subscribe_many(r, &clients);
+    db.new_subscribers(r, 10);
 
     let mut args = Service::settings(&db, &topics, state.path());
-    let i = args.iter().position(|a| a == "--brokers").unwrap();
-    args[i + 1] = mock.bootstrap_servers();
+    Service::set_flag(&mut args, "--brokers", mock.bootstrap_servers());
     // Surface a stuck delivery as an error within seconds, not librdkafka's 5 minutes.
     args.extend(["--kafka".into(), "message.timeout.ms=2000".into()]);
     let mut service = Service::spawn(args, vec![], state.path());
@@ -106,22 +102,8 @@ fn a_kafka_outage_is_waited_out() {
         RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
     )
     .unwrap();
-    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", mock.bootstrap_servers())
-        .create()
-        .unwrap();
     let k = Uuid::new_v4();
-    let value = live_action(r, k).to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(producer.send(
-        rdkafka::producer::FutureRecord::<(), str>::to(&topics.input).payload(&value),
-        Duration::from_secs(10),
-    ))
-    .map_err(|(e, _)| e)
-    .unwrap();
+    Producer::on(&mock.bootstrap_servers()).send_action(&topics.input, &live_action(r, k));
 
     wait_for("/readyz to report the outage", WAIT, || {
         let (status, body) = service.get("/readyz")?;

@@ -23,19 +23,6 @@ fn consumed(service: &Service, n: usize) {
     });
 }
 
-fn triples(records: &[Record]) -> Vec<(Uuid, Uuid, Uuid)> {
-    let mut v: Vec<_> = records
-        .iter()
-        .map(|r| {
-            let j = r.json();
-            let p = |f: &str| Uuid::parse_str(j[f].as_str().unwrap()).unwrap();
-            (p("restaurant_id"), p("adv_campaign_id"), p("client_id"))
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn every_case_of_the_semantics() {
     let db = Db::migrated();
@@ -284,8 +271,7 @@ fn a_restart_resends_nothing_and_new_actions_flow() {
     let topics = Topics::new(2);
     let state = tempfile::tempdir().unwrap();
     let r = u();
-    let clients: Vec<Uuid> = (0..50).map(|_| u()).collect();
-    db.subscribe_many(r, &clients);
+    let clients = db.new_subscribers(r, 50);
 
     let mut service = Service::start(&db, &topics, state.path(), &[]);
     let p = Producer::new();
@@ -349,8 +335,7 @@ fn a_large_fan_out_goes_in_chunks_exactly_once() {
     let topics = Topics::new(4);
     let state = tempfile::tempdir().unwrap();
     let r = u();
-    let clients: Vec<Uuid> = (0..12_000).map(|_| u()).collect();
-    db.subscribe_many(r, &clients);
+    db.new_subscribers(r, 12_000);
     let mut service = Service::start(&db, &topics, state.path(), &["--chunk-size", "1000"]);
     let k = u();
     Producer::new().send_action(&topics.input, &live_action(r, k));

@@ -100,6 +100,13 @@ impl Db {
             .get(0)
     }
 
+    /// `n` new clients subscribed to `restaurant`, in one statement.
+    pub fn new_subscribers(&self, restaurant: Uuid, n: usize) -> Vec<Uuid> {
+        let clients: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+        self.subscribe_many(restaurant, &clients);
+        clients
+    }
+
     /// Subscribes `clients` to `restaurant` in one statement.
     pub fn subscribe_many(&self, restaurant: Uuid, clients: &[Uuid]) {
         self.client()
@@ -189,9 +196,14 @@ pub struct Producer {
 
 impl Producer {
     pub fn new() -> Producer {
+        Producer::on(&brokers())
+    }
+
+    /// A producer for another cluster, e.g. a mock one.
+    pub fn on(brokers: &str) -> Producer {
         Producer {
             inner: ClientConfig::new()
-                .set("bootstrap.servers", brokers())
+                .set("bootstrap.servers", brokers)
                 .set("enable.idempotence", "true")
                 .create()
                 .unwrap(),
@@ -258,6 +270,20 @@ impl Record {
     pub fn json(&self) -> Value {
         serde_json::from_slice(self.value.as_deref().unwrap()).unwrap()
     }
+}
+
+/// The push messages as sorted (restaurant, campaign, client) triples.
+pub fn triples(records: &[Record]) -> Vec<(Uuid, Uuid, Uuid)> {
+    let mut v: Vec<_> = records
+        .iter()
+        .map(|r| {
+            let j = r.json();
+            let p = |f: &str| Uuid::parse_str(j[f].as_str().unwrap()).unwrap();
+            (p("restaurant_id"), p("adv_campaign_id"), p("client_id"))
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// Reads a topic from the beginning, without a group.
@@ -369,6 +395,12 @@ impl Service {
             "--refresh-interval".into(),
             "1s".into(),
         ]
+    }
+
+    /// Replaces the value of `flag` in settings made by [`Service::settings`].
+    pub fn set_flag(args: &mut [String], flag: &str, value: String) {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1] = value;
     }
 
     /// Starts `promo-fanout run` and waits until it reports ready.
