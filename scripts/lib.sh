@@ -71,6 +71,12 @@ stop_broker() {
 
 pg_ready() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
 
+# The command that restarts the local PostgreSQL (for the change feed's
+# restart test, and for settings that need one).
+pg_restart_cmd() {
+  echo "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | head -1) main restart"
+}
+
 # The local PostgreSQL: started if stopped, with wal_level=logical for the
 # change feed (a restart, once).
 ensure_postgres() {
@@ -80,11 +86,29 @@ ensure_postgres() {
   fi
   for _ in $(seq 1 50); do pg_ready && break; sleep 0.2; done
   pg_ready || { say "PostgreSQL does not answer on 127.0.0.1:5432"; return 1; }
-  local level; level=$(psql -h 127.0.0.1 -U postgres -XAtc 'show wal_level')
-  if [ "$level" != logical ] && [ -d /etc/postgresql ]; then
-    say "setting wal_level=logical (restarts PostgreSQL once)"
+  # The change feed needs wal_level=logical; every test service makes a
+  # replication slot of its own, so allow more than the default 10.
+  local level slots
+  level=$(psql -h 127.0.0.1 -U postgres -XAtc 'show wal_level')
+  slots=$(psql -h 127.0.0.1 -U postgres -XAtc 'show max_replication_slots')
+  if { [ "$level" != logical ] || [ "$slots" -lt 64 ]; } && [ -d /etc/postgresql ]; then
+    say "setting wal_level=logical, max_replication_slots=64 (restarts PostgreSQL once)"
     psql -h 127.0.0.1 -U postgres -XAtqc 'ALTER SYSTEM SET wal_level = logical'
-    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main restart
+    psql -h 127.0.0.1 -U postgres -XAtqc 'ALTER SYSTEM SET max_replication_slots = 64'
+    $(pg_restart_cmd)
     for _ in $(seq 1 50); do pg_ready && break; sleep 0.2; done
   fi
+}
+
+# What the test suite and the soak need: packages, PostgreSQL set up, a broker
+# started (stopped on exit), and the tests' environment pointing at them.
+start_test_services() {
+  ensure_packages
+  ensure_postgres
+  BROKER=$(start_broker)
+  trap 'stop_broker "$BROKER"' EXIT
+  say "broker on $BROKER"
+  export PF_TEST_BROKERS=$BROKER
+  export PF_TEST_POSTGRES=${PF_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
+  export PF_TEST_PG_RESTART=${PF_TEST_PG_RESTART:-$(pg_restart_cmd)}
 }

@@ -5,14 +5,7 @@
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
-ensure_packages
-ensure_postgres
-BROKER=$(start_broker)
-trap 'stop_broker "$BROKER"' EXIT
-say "broker on $BROKER"
-
-export PF_TEST_BROKERS=$BROKER
-export PF_TEST_POSTGRES=${PF_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
+start_test_services
 say "cargo fmt / clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings

@@ -24,6 +24,9 @@ pub struct Batch {
     pub dead: Vec<DeadLetter>,
     /// The next offset to read per input partition once this batch is done.
     pub positions: BTreeMap<i32, i64>,
+    /// Late-subscriber markers this batch has handled (restaurant, client,
+    /// marker): cleared with its sent entries.
+    pub late: Vec<(uuid::Uuid, uuid::Uuid, u64)>,
 }
 
 /// The sinks, the store and the source a batch is committed to.
@@ -47,8 +50,8 @@ impl Checkpoint {
     ///    (idempotent producer, `acks=all`, every delivery report awaited).
     ///    Both must succeed; each is retried with backoff until it does, and
     ///    nothing below runs before;
-    /// 4. commit the sent entries, campaign changes and input positions to
-    ///    RocksDB in one synced write batch;
+    /// 4. commit the sent entries, campaign changes, input positions and the
+    ///    late-subscriber markers handled to RocksDB in one synced write batch;
     /// 5. commit the consumer offsets to Kafka, for display: a failure here is
     ///    logged, the store already holds the truth.
     ///
@@ -107,6 +110,9 @@ impl Checkpoint {
         }
         for (partition, next) in &batch.positions {
             commit.set_input_position(*partition, *next);
+        }
+        for (restaurant, client, seq) in &batch.late {
+            commit.clear_late(*restaurant, *client, *seq);
         }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.commit(commit))

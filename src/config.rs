@@ -17,10 +17,39 @@ use serde::{Deserialize, Deserializer, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum MirrorMode {
-    /// Postgres logical replication (needs `wal_level=logical`).
+    /// `cdc` when the server allows it, else `refresh` (with a log line
+    /// saying what is missing).
+    Auto,
+    /// Postgres logical replication (needs `wal_level=logical`, the
+    /// REPLICATION attribute and the publication `migrate` creates).
     Cdc,
     /// A snapshot, then a re-read of the table every `refresh-interval`.
     Refresh,
+}
+
+/// What `run` does with a stored input position the topic no longer holds
+/// (older than its retention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutOfRange {
+    /// Stop with an error naming the partition and the gap.
+    Fail,
+    /// Resume from the oldest message still held (the gap is lost).
+    Earliest,
+    /// Resume from the end of the partition (everything unread is skipped).
+    Latest,
+}
+
+impl OutOfRange {
+    /// The librdkafka `auto.offset.reset` that applies the same policy to a
+    /// position that falls out of range while running.
+    pub fn auto_offset_reset(self) -> &'static str {
+        match self {
+            OutOfRange::Fail => "error",
+            OutOfRange::Earliest => "earliest",
+            OutOfRange::Latest => "latest",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -54,6 +83,16 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub expiry_margin: Duration,
     pub mirror_mode: MirrorMode,
+    /// `cdc` mode: the logical replication slot (default: `promo_fanout_`
+    /// and the group id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdc_slot: Option<String>,
+    /// `cdc` mode: the publication of `subscribers_restaurants`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub cdc_publication: String,
+    /// `cdc` mode: how often the slot is asked for new changes.
+    #[serde(with = "humantime_serde")]
+    pub cdc_poll_interval: Duration,
     /// `refresh` mode: how often the table is re-read.
     #[serde(with = "humantime_serde")]
     pub refresh_interval: Duration,
@@ -74,6 +113,13 @@ pub struct Settings {
     /// the campaign is still recognised) before it is dropped from the store.
     #[serde(with = "humantime_serde")]
     pub sent_retention: Duration,
+    /// A stored input position older than the topic's retention: `fail`,
+    /// `earliest` or `latest`.
+    pub position_out_of_range: OutOfRange,
+    /// How long `run` tries to reach Postgres and the brokers at start before
+    /// it gives up with an error. Outages after start are waited out.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
     /// Kafka client properties passed through to librdkafka, e.g.
     /// `sasl.mechanism`.
     #[serde(deserialize_with = "flat_properties")]
@@ -91,7 +137,10 @@ impl Default for Settings {
             dlq_topic: "restaurant_actions.dlq".into(),
             group_id: "promo-fanout".into(),
             expiry_margin: Duration::from_secs(600),
-            mirror_mode: MirrorMode::Refresh,
+            mirror_mode: MirrorMode::Auto,
+            cdc_slot: None,
+            cdc_publication: "promo_fanout".into(),
+            cdc_poll_interval: Duration::from_millis(50),
             refresh_interval: Duration::from_secs(30),
             metrics_addr: "127.0.0.1:9898".parse().expect("valid address"),
             log_format: LogFormat::Text,
@@ -100,6 +149,8 @@ impl Default for Settings {
             batch_linger: Duration::from_millis(20),
             max_message_bytes: 256 * 1024,
             sent_retention: Duration::from_secs(24 * 3600),
+            position_out_of_range: OutOfRange::Fail,
+            startup_timeout: Duration::from_secs(60),
             kafka: BTreeMap::new(),
         }
     }
@@ -143,6 +194,16 @@ pub struct SettingsArgs {
     pub mirror_mode: Option<MirrorMode>,
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub cdc_slot: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cdc_publication: Option<String>,
+    /// e.g. `50ms`.
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cdc_poll_interval: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_interval: Option<String>,
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -165,6 +226,13 @@ pub struct SettingsArgs {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sent_retention: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position_out_of_range: Option<OutOfRange>,
+    /// e.g. `60s`.
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub startup_timeout: Option<String>,
     /// A Kafka client property, `PROP=VALUE` (repeatable), e.g.
     /// `--kafka security.protocol=SASL_SSL`.
     #[arg(long = "kafka", global = true, value_name = "PROP=VALUE", value_parser = parse_property)]
@@ -198,9 +266,53 @@ pub struct SettingsError(String);
 impl Settings {
     /// Resolves flags > environment > TOML file > defaults.
     pub fn load(args: &SettingsArgs) -> Result<Settings, SettingsError> {
-        Self::figment(args)?
+        let settings: Settings = Self::figment(args)?
             .extract()
-            .map_err(|e| SettingsError(describe(e)))
+            .map_err(|e| SettingsError(describe(e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// What the types alone cannot check.
+    fn validate(&self) -> Result<(), SettingsError> {
+        if let Err(e) = self.postgres_url.parse::<tokio_postgres::Config>() {
+            return Err(SettingsError(format!(
+                "postgres-url {:?}: {e}",
+                self.postgres_url_redacted()
+            )));
+        }
+        for (name, value) in [
+            ("brokers", &self.brokers),
+            ("input-topic", &self.input_topic),
+            ("output-topic", &self.output_topic),
+            ("dlq-topic", &self.dlq_topic),
+            ("group-id", &self.group_id),
+        ] {
+            if value.trim().is_empty() {
+                return Err(SettingsError(format!("{name} is empty")));
+            }
+        }
+        if let Some(slot) = &self.cdc_slot {
+            let ok = !slot.is_empty()
+                && slot.len() <= 63
+                && slot
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !ok {
+                return Err(SettingsError(format!(
+                    "cdc-slot {slot:?}: a slot name is 1 to 63 of a-z, 0-9 and _"
+                )));
+            }
+        }
+        for (name, value) in [
+            ("batch-size", self.batch_size),
+            ("chunk-size", self.chunk_size),
+        ] {
+            if value == 0 {
+                return Err(SettingsError(format!("{name} must be at least 1")));
+            }
+        }
+        Ok(())
     }
 
     fn figment(args: &SettingsArgs) -> Result<Figment, SettingsError> {
@@ -223,6 +335,23 @@ impl Settings {
     /// The Postgres URL with any password masked, for logs.
     pub fn postgres_url_redacted(&self) -> String {
         redact_url(&self.postgres_url)
+    }
+
+    /// The replication slot `cdc` mode uses: `cdc-slot`, or one named after
+    /// the group (slot names allow `[a-z0-9_]`, 63 bytes).
+    pub fn cdc_slot(&self) -> String {
+        if let Some(slot) = &self.cdc_slot {
+            return slot.clone();
+        }
+        let mut name = String::from("promo_fanout_");
+        for ch in self.group_id.chars() {
+            name.push(match ch.to_ascii_lowercase() {
+                c @ ('a'..='z' | '0'..='9' | '_') => c,
+                _ => '_',
+            });
+        }
+        name.truncate(63);
+        name
     }
 
     /// The state dir as a path.

@@ -442,6 +442,34 @@ impl ScratchPostgres {
         match self.kind {
             Scratch::Database { admin_url, name } => {
                 if let Ok(c) = postgres_connect(&admin_url).await {
+                    // The change feed's slot keeps its database: drop it first.
+                    let _ = c
+                        .execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                            &[&name],
+                        )
+                        .await;
+                    for _ in 0..50 {
+                        let left = c
+                            .query_one(
+                                "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
+                                &[&name],
+                            )
+                            .await
+                            .map(|r| r.get::<_, i64>(0))
+                            .unwrap_or(0);
+                        if left == 0 {
+                            break;
+                        }
+                        let _ = c
+                            .execute(
+                                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                                 WHERE database = $1 AND NOT active",
+                                &[&name],
+                            )
+                            .await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                     let _ = c
                         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .await;

@@ -81,6 +81,9 @@ pub trait StateView {
         campaign: Uuid,
         clients: &[Uuid],
     ) -> Result<Vec<bool>, StoreError>;
+
+    /// Whether the client is subscribed to the restaurant now.
+    fn is_subscribed(&self, restaurant: Uuid, client: Uuid) -> Result<bool, StoreError>;
 }
 
 impl StateView for Store {
@@ -99,6 +102,10 @@ impl StateView for Store {
         clients: &[Uuid],
     ) -> Result<Vec<bool>, StoreError> {
         Store::sent_flags(self, restaurant, campaign, clients)
+    }
+
+    fn is_subscribed(&self, restaurant: Uuid, client: Uuid) -> Result<bool, StoreError> {
+        Store::is_subscribed(self, restaurant, client)
     }
 }
 
@@ -279,6 +286,45 @@ pub fn plan<V: StateView + ?Sized>(
     Ok(plan)
 }
 
+/// Late subscribers: clients the mirror saw subscribe (`markers`: restaurant,
+/// client, marker) after the fan-out of a campaign had passed their place in
+/// it. Each still subscribed gets every eligible campaign of the restaurant
+/// whose fan-out is past them and that they have not had; campaigns whose
+/// fan-out has yet to reach them will reach them anyway.
+pub fn late<V: StateView + ?Sized>(
+    view: &V,
+    campaigns: &BTreeMap<CampaignKey, Campaign>,
+    markers: &[(Uuid, Uuid, u64)],
+    rules: &Rules,
+) -> Result<Vec<Notification>, StoreError> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (r, c, _) in markers {
+        if !seen.insert((*r, *c)) || !view.is_subscribed(*r, *c)? {
+            continue;
+        }
+        for ((_, k), campaign) in campaigns.range((*r, Uuid::nil())..=(*r, Uuid::max())) {
+            let passed = match campaign.progress {
+                Progress::Done => true,
+                Progress::After(last) => *c <= last,
+                Progress::NotStarted => false,
+            };
+            if !passed
+                || campaign_timing(campaign, rules.now, rules.margin) != Timing::Eligible
+                || view.sent_flags(*r, *k, &[*c])?[0]
+            {
+                continue;
+            }
+            out.push(Notification {
+                campaign: Arc::new(campaign.clone()),
+                client_id: *c,
+                trigger_datetime_created: rules.now,
+            });
+        }
+    }
+    Ok(out)
+}
+
 impl Plan {
     /// Whether committing this plan changes nothing.
     pub fn is_empty(&self) -> bool {
@@ -317,6 +363,10 @@ mod tests {
                 .iter()
                 .map(|c| self.sent.contains(&(r, k, *c)))
                 .collect())
+        }
+
+        fn is_subscribed(&self, r: Uuid, c: Uuid) -> Result<bool, StoreError> {
+            Ok(self.subs.contains(&(r, c)))
         }
     }
 
@@ -492,5 +542,40 @@ mod tests {
         assert!(soon.deletes.is_empty());
         let late = plan(&m, &stored, &[], rules(1000 + 3601), None).unwrap();
         assert_eq!(late.deletes, vec![(u(1), u(5))]);
+    }
+
+    #[test]
+    fn a_late_subscriber_gets_the_campaigns_the_fan_out_has_passed() {
+        let mut view = Memory::default();
+        let now = 1_000_000;
+        let live = |k: u128, progress| Campaign {
+            progress,
+            ..merge(None, &action(1, k, now - 60, now + 3600))
+        };
+        let mut campaigns = BTreeMap::new();
+        for c in [
+            live(10, Progress::Done),
+            live(11, Progress::After(u(5))),
+            live(12, Progress::After(u(9))),
+            live(13, Progress::NotStarted),
+        ] {
+            campaigns.insert(key_of(&c), c);
+        }
+        let over = Campaign {
+            progress: Progress::Done,
+            ..merge(None, &action(1, 14, now - 7200, now - 60))
+        };
+        campaigns.insert(key_of(&over), over);
+        view.subs.insert((u(1), u(7)));
+        view.sent.insert((u(1), u(12), u(7)));
+        let markers = [(u(1), u(7), 3), (u(1), u(7), 4), (u(1), u(8), 5)];
+        let got = late(&view, &campaigns, &markers, &rules(now)).unwrap();
+        let got: Vec<(Uuid, Uuid)> = got
+            .iter()
+            .map(|n| (n.campaign.adv_campaign_id, n.client_id))
+            .collect();
+        // 10 is done; 11 passed 5 < 7 so its scan will reach 7; 12 was sent;
+        // 13 has not started; 14 is over; client 8 unsubscribed again.
+        assert_eq!(got, vec![(u(10), u(7))]);
     }
 }

@@ -61,6 +61,15 @@ pub fn install_metrics() -> PrometheusHandle {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 ])
                 .expect("static buckets")
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        "promo_fanout_mirror_freshness_seconds".into(),
+                    ),
+                    &[
+                        0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0,
+                    ],
+                )
+                .expect("static buckets")
                 .install_recorder()
                 .expect("the metrics recorder is installed once")
         })

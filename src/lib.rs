@@ -4,6 +4,7 @@
 //! by [`pipeline`].
 
 pub mod action;
+pub mod cdc;
 pub mod checkpoint;
 pub mod clock;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod fanout;
 pub mod health;
 pub mod migrate;
 pub mod mirror;
+pub mod pgoutput;
 pub mod pipeline;
 pub mod rebuild;
 pub mod retry;

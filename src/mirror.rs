@@ -30,20 +30,51 @@ pub struct SyncStats {
     pub deleted: u64,
 }
 
+/// How a merge ends: the mirror position it writes with its last batch,
+/// given the server's WAL position when the snapshot was taken (none on a
+/// standby), and whether the rows it adds are late subscribers (a mirror that
+/// was complete before: they subscribed while campaigns may be under way).
+pub struct SyncPlan {
+    pub finish: Box<dyn FnOnce(Option<u64>) -> MirrorPosition + Send>,
+    pub late_seq: Option<u64>,
+}
+
+impl SyncPlan {
+    /// `refresh` mode: a snapshot, or a re-read.
+    pub fn refresh(now: i64, late: bool) -> SyncPlan {
+        SyncPlan {
+            finish: Box::new(move |_| MirrorPosition {
+                mode: MirrorMode::Refresh,
+                snapshot_complete: true,
+                lsn: None,
+                slot: None,
+                catch_up_until: None,
+                synced_at: now,
+            }),
+            late_seq: late.then_some(now as u64),
+        }
+    }
+}
+
 /// What the reading side hands the merge: rows in id order, then `End` once
 /// the whole table has been read. A feed that stops without `End` failed.
 enum Feed {
     Row(Subscription),
-    End,
+    /// With the WAL position of the snapshot.
+    End(Option<u64>),
 }
 
 /// Reads the whole table consistently and brings the mirror to it.
-pub async fn sync(store: Arc<Store>, postgres_url: &str, now: i64) -> Result<SyncStats, SinkError> {
+pub async fn sync(
+    store: Arc<Store>,
+    postgres_url: &str,
+    plan: SyncPlan,
+) -> Result<SyncStats, SinkError> {
     let mut client = crate::sinks::postgres_connect(postgres_url)
         .await
         .map_err(SinkError::Postgres)?;
     let (tx, rx) = mpsc::channel::<Feed>(MERGE_BATCH);
-    let merge = tokio::task::spawn_blocking(move || merge(&store, rx, now));
+    let merge = tokio::task::spawn_blocking(move || merge(&store, rx, plan));
 
     let read = async {
         let txn = client
@@ -52,6 +83,17 @@ pub async fn sync(store: Arc<Store>, postgres_url: &str, now: i64) -> Result<Syn
             .read_only(true)
             .start()
             .await?;
+        // The first statement takes the snapshot; the WAL position read in
+        // it is at or after every commit the snapshot sees.
+        let lsn: Option<String> = txn
+            .query_one(
+                "SELECT CASE WHEN pg_is_in_recovery() THEN NULL \
+                 ELSE pg_current_wal_lsn()::text END",
+                &[],
+            )
+            .await?
+            .get(0);
+        let snapshot_lsn = lsn.as_deref().and_then(crate::pgoutput::parse_lsn);
         let rows = txn
             .query_raw(
                 "SELECT id::int8, restaurant_id, client_id FROM subscribers_restaurants ORDER BY id",
@@ -71,7 +113,7 @@ pub async fn sync(store: Arc<Store>, postgres_url: &str, now: i64) -> Result<Syn
             }
         }
         txn.commit().await?;
-        let _ = tx.send(Feed::End).await;
+        let _ = tx.send(Feed::End(snapshot_lsn)).await;
         Ok::<_, tokio_postgres::Error>(())
     };
     let read_result = read.await;
@@ -84,7 +126,12 @@ pub async fn sync(store: Arc<Store>, postgres_url: &str, now: i64) -> Result<Syn
 /// The merge join of the table's rows (arriving in id order on `rx`) with the
 /// mirror's row index. Runs on a blocking thread: RocksDB iterators are not
 /// `Send`.
-fn merge(store: &Store, mut rx: mpsc::Receiver<Feed>, now: i64) -> Result<SyncStats, SinkError> {
+fn merge(
+    store: &Store,
+    mut rx: mpsc::Receiver<Feed>,
+    plan: SyncPlan,
+) -> Result<SyncStats, SinkError> {
+    let late = plan.late_seq;
     let mut stats = SyncStats::default();
     let mut commit = Commit::new();
     let mut ours = store.subscription_rows();
@@ -92,6 +139,7 @@ fn merge(store: &Store, mut rx: mpsc::Receiver<Feed>, now: i64) -> Result<SyncSt
     let flush = |commit: &mut Commit| -> Result<(), SinkError> {
         if commit.len() >= MERGE_BATCH {
             store.commit(std::mem::take(commit))?;
+            crate::failpoint!("mirror-snapshot-batch");
         }
         Ok(())
     };
@@ -110,6 +158,9 @@ fn merge(store: &Store, mut rx: mpsc::Receiver<Feed>, now: i64) -> Result<SyncSt
                         if m != theirs {
                             commit.delete_subscription(&m);
                             commit.put_subscription(&theirs);
+                            if let Some(seq) = late {
+                                commit.mark_late(theirs.restaurant_id, theirs.client_id, seq);
+                            }
                             stats.deleted += 1;
                             stats.inserted += 1;
                         }
@@ -117,26 +168,24 @@ fn merge(store: &Store, mut rx: mpsc::Receiver<Feed>, now: i64) -> Result<SyncSt
                     }
                     _ => {
                         commit.put_subscription(&theirs);
+                        if let Some(seq) = late {
+                            commit.mark_late(theirs.restaurant_id, theirs.client_id, seq);
+                        }
                         stats.inserted += 1;
                     }
                 }
                 flush(&mut commit)?;
             }
-            Some(Feed::End) => {
+            Some(Feed::End(snapshot_lsn)) => {
                 while let Some(m) = mine {
                     commit.delete_subscription(&m);
                     stats.deleted += 1;
                     flush(&mut commit)?;
                     mine = ours.next().transpose()?;
                 }
-                commit.set_mirror_position(&MirrorPosition {
-                    mode: MirrorMode::Refresh,
-                    snapshot_complete: true,
-                    lsn: None,
-                    slot: None,
-                    synced_at: now,
-                });
+                commit.set_mirror_position(&(plan.finish)(snapshot_lsn));
                 store.commit(commit)?;
+                metrics::counter!("promo_fanout_mirror_snapshots_total").increment(1);
                 return Ok(stats);
             }
             None => {
@@ -165,7 +214,8 @@ pub async fn refresh_loop(
             _ = shutdown.changed() => return,
         }
         let started = std::time::Instant::now();
-        match sync(store.clone(), &postgres_url, crate::clock::now()).await {
+        let plan = SyncPlan::refresh(crate::clock::now(), true);
+        match sync(store.clone(), &postgres_url, plan).await {
             Ok(stats) => {
                 metrics::histogram!("promo_fanout_mirror_sync_seconds")
                     .record(started.elapsed().as_secs_f64());

@@ -48,11 +48,27 @@ pub enum RunError {
     },
     #[error("kafka client: {0}")]
     KafkaClient(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Start(#[from] crate::source::StartError),
     #[error(
-        "mirror-mode = cdc (Postgres logical replication) is not built yet; \
-         use --mirror-mode refresh (the default)"
+        "an input position fell out of the topic's retained log while running ({0}); \
+         with position-out-of-range = fail the service stops rather than skip: restart \
+         it to see which partition and how many messages were lost"
     )]
-    CdcUnavailable,
+    PositionLost(rdkafka::error::KafkaError),
+    #[error("cannot reach {what} within the startup timeout ({timeout}): {last_error}")]
+    Unreachable {
+        what: String,
+        timeout: humantime::FormattedDuration,
+        last_error: String,
+    },
+    #[error(
+        "mirror-mode = cdc: the server cannot feed changes: {0}; fix that, or run with \
+         --mirror-mode refresh (or auto, which falls back to it)"
+    )]
+    CdcUnavailable(String),
+    #[error("the mirror stopped: {0}")]
+    Mirror(#[source] SinkError),
 }
 
 pub fn identity(settings: &Settings) -> Identity {
@@ -65,9 +81,6 @@ pub fn identity(settings: &Settings) -> Identity {
 /// Runs the service until `shutdown` turns true. The batch in flight is
 /// finished and committed first.
 pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
-    if settings.mirror_mode == MirrorMode::Cdc {
-        return Err(RunError::CdcUnavailable);
-    }
     let store = Arc::new(Store::open(settings.state_dir(), &identity(&settings))?);
     let health = Arc::new(Health::default());
     let server = health::serve(
@@ -99,23 +112,51 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     let kafka = KafkaSink::new(&settings)?;
     let source = Source::new(&settings)?;
 
-    if !load_mirror(&settings, &store, &mut shutdown).await? {
+    let Some(mode) = mirror_mode(&settings, &mut shutdown).await? else {
+        return Ok(());
+    };
+    if !load_mirror(&settings, mode, &store, &mut shutdown).await? {
         return Ok(());
     }
     health.mirror_loaded.store(true, Ordering::Relaxed);
-    let refresh = tokio::spawn(mirror::refresh_loop(
-        store.clone(),
-        settings.postgres_url.clone(),
-        settings.refresh_interval,
-        shutdown.clone(),
-    ));
+    let mut mirror_task: tokio::task::JoinHandle<Result<(), SinkError>> = match mode {
+        MirrorMode::Cdc => tokio::spawn(crate::cdc::follow(
+            store.clone(),
+            crate::cdc::FeedConfig::new(&settings),
+            shutdown.clone(),
+        )),
+        _ => {
+            let refresh = mirror::refresh_loop(
+                store.clone(),
+                settings.postgres_url.clone(),
+                settings.refresh_interval,
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                refresh.await;
+                Ok(())
+            })
+        }
+    };
 
-    let Some(partitions) = wait_for_topic(&source, &health, &mut shutdown).await? else {
+    let Some(partitions) = wait_for_topic(&settings, &source, &health, &mut shutdown).await? else {
         return Ok(());
     };
-    let mut positions = store.input_positions()?;
-    source.assign(&partitions, &positions)?;
-    tracing::info!(topic = %source.topic(), ?partitions, stored = ?positions, "input assigned");
+    let stored = store.input_positions()?;
+    let start = source.start_positions(
+        &partitions,
+        &stored,
+        settings.position_out_of_range,
+        Duration::from_secs(10),
+    )?;
+    source.assign(&start)?;
+    tracing::info!(topic = %source.topic(), ?partitions, ?stored, ?start, "input assigned");
+    // Positions the policy moved forward are committed with the next batch.
+    let mut positions = stored;
+    for (p, next) in &start {
+        let known = positions.entry(*p).or_insert(*next);
+        *known = (*known).max(*next);
+    }
 
     let checkpoint = Checkpoint {
         feedback,
@@ -132,20 +173,41 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     let margin = settings.expiry_margin.as_secs() as i64;
     let mut turn = None;
     let (positions_tx, positions_rx) = watch::channel(positions.clone());
-    crate::source::report_lag(&settings, partitions, positions_rx, LAG_EVERY)?;
+    crate::source::report_lag(
+        &settings,
+        health.clone(),
+        partitions,
+        positions_rx,
+        LAG_EVERY,
+    )?;
 
+    let mut more_late = false;
     loop {
         if *shutdown.borrow() {
             break;
         }
+        if mirror_task.is_finished() {
+            let outcome = (&mut mirror_task)
+                .await
+                .expect("the mirror task does not panic");
+            if *shutdown.borrow() {
+                break;
+            }
+            return Err(RunError::Mirror(outcome.err().unwrap_or_else(|| {
+                SinkError::Config("the mirror task ended unexpectedly".into())
+            })));
+        }
         let now = clock::now();
-        let busy = campaigns.values().any(|c| {
-            c.progress != Progress::Done
-                && fanout::campaign_timing(c, now, margin) == Timing::Eligible
-        });
+        let busy = more_late
+            || campaigns.values().any(|c| {
+                c.progress != Progress::Done
+                    && fanout::campaign_timing(c, now, margin) == Timing::Eligible
+            });
         let wait = if busy { Duration::ZERO } else { IDLE_WAIT };
         let messages = tokio::select! {
-            m = source.next_batch(settings.batch_size, wait, settings.batch_linger) => m,
+            m = source.next_batch(settings.batch_size, wait, settings.batch_linger) => {
+                m.map_err(RunError::PositionLost)?
+            }
             _ = shutdown.wait_for(|s| *s) => break,
         };
 
@@ -197,7 +259,14 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
             budget: settings.chunk_size,
         };
         batch.plan = fanout::plan(&*store, &campaigns, &actions, rules, turn)?;
-        if batch.plan.is_empty() && batch.dead.is_empty() && fresh == 0 {
+        // Subscribers the mirror saw arrive, against the campaigns as they
+        // stood before this batch (the plan's own scans cover the rest).
+        batch.late = store.late_subscribers(settings.chunk_size)?;
+        more_late = batch.late.len() >= settings.chunk_size;
+        let late = fanout::late(&*store, &campaigns, &batch.late, &rules)?;
+        let late_count = late.len();
+        batch.plan.notifications.extend(late);
+        if batch.plan.is_empty() && batch.dead.is_empty() && fresh == 0 && batch.late.is_empty() {
             continue;
         }
 
@@ -222,7 +291,8 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         metrics::counter!("promo_fanout_actions_scheduled_total").increment(tally.scheduled);
         metrics::counter!("promo_fanout_actions_eligible_total").increment(tally.eligible);
         metrics::counter!("promo_fanout_actions_updated_total").increment(tally.updated);
-        if fresh > 0 || !batch.plan.notifications.is_empty() {
+        metrics::counter!("promo_fanout_late_notifications_total").increment(late_count as u64);
+        if fresh > 0 || !batch.plan.notifications.is_empty() || late_count > 0 {
             tracing::info!(
                 messages = fresh,
                 invalid = batch.dead.len(),
@@ -231,6 +301,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
                 expired = tally.expired,
                 updated = tally.updated,
                 notifications = batch.plan.notifications.len(),
+                late = late_count,
                 "batch committed"
             );
         }
@@ -255,7 +326,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     }
 
     tracing::info!("stopped");
-    refresh.abort();
+    mirror_task.abort();
     let _ = server.await;
     Ok(())
 }
@@ -265,54 +336,138 @@ async fn connect_postgres(
     health: &Health,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Option<FeedbackSink>, RunError> {
-    match until_done(
+    let last_error = std::sync::Mutex::new(String::new());
+    let attempts = until_done(
         "postgres connect",
-        || FeedbackSink::connect(&settings.postgres_url),
+        || async {
+            let result = FeedbackSink::connect(&settings.postgres_url).await;
+            if let Err(e) = &result {
+                *last_error.lock().expect("not poisoned") = e.to_string();
+            }
+            result
+        },
         shutdown,
         |ok| health.postgres_ok.store(ok, Ordering::Relaxed),
-    )
-    .await
-    {
-        Ok(sink) => Ok(Some(sink)),
-        Err(Stopped::Shutdown) => Ok(None),
-        Err(Stopped::Fatal(source)) => Err(RunError::Fatal {
+    );
+    match tokio::time::timeout(settings.startup_timeout, attempts).await {
+        Err(_elapsed) => Err(RunError::Unreachable {
+            what: format!("Postgres at {}", settings.postgres_url_redacted()),
+            timeout: humantime::format_duration(settings.startup_timeout),
+            last_error: last_error.into_inner().expect("not poisoned"),
+        }),
+        Ok(Ok(sink)) => Ok(Some(sink)),
+        Ok(Err(Stopped::Shutdown)) => Ok(None),
+        Ok(Err(Stopped::Fatal(source))) => Err(RunError::Fatal {
             step: "postgres connect",
             source,
         }),
     }
 }
 
-/// Completes the mirror's first snapshot if the store has none yet. Returns
-/// false when shutdown came first.
-async fn load_mirror(
+/// Resolves `mirror-mode`: `auto` is `cdc` when the server allows it, else
+/// `refresh` with a line saying what is missing. Returns `None` on shutdown.
+async fn mirror_mode(
     settings: &Settings,
-    store: &Arc<Store>,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<bool, RunError> {
-    if store
-        .mirror_position()?
-        .is_some_and(|p| p.snapshot_complete)
-    {
-        tracing::info!("mirror present; resuming without a snapshot");
-        return Ok(true);
-    }
-    tracing::info!("mirror empty or incomplete; taking a snapshot of subscribers_restaurants");
-    let started = std::time::Instant::now();
-    match until_done(
-        "mirror snapshot",
-        // `sync` succeeds only once the whole table has been merged.
-        || mirror::sync(store.clone(), &settings.postgres_url, clock::now()),
+) -> Result<Option<MirrorMode>, RunError> {
+    let feed = crate::cdc::FeedConfig::new(settings);
+    let wanted = settings.mirror_mode;
+    let checked = until_done(
+        "change feed check",
+        || async {
+            let client = crate::sinks::postgres_connect(&settings.postgres_url)
+                .await
+                .map_err(SinkError::Postgres)?;
+            let missing = crate::cdc::missing(&client, &feed).await?;
+            let cdc = wanted == MirrorMode::Cdc || (wanted == MirrorMode::Auto && missing.is_empty());
+            if cdc {
+                return Ok(missing);
+            }
+            // Refresh mode: a slot of ours would only keep WAL. Drop it.
+            match crate::cdc::drop_slot(&client, &feed.slot).await {
+                Ok(true) => tracing::warn!(slot = %feed.slot, "dropped this pipeline's replication slot: refresh mode does not read it"),
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, slot = %feed.slot, "could not drop this pipeline's replication slot"),
+            }
+            Ok(missing)
+        },
         shutdown,
         |_| {},
     )
-    .await
-    {
-        Ok(stats) => {
-            tracing::info!(
-                rows = stats.rows,
-                seconds = started.elapsed().as_secs_f64(),
-                "mirror snapshot loaded"
+    .await;
+    let missing = match checked {
+        Ok(m) => m,
+        Err(Stopped::Shutdown) => return Ok(None),
+        Err(Stopped::Fatal(source)) => {
+            return Err(RunError::Fatal {
+                step: "change feed check",
+                source,
+            })
+        }
+    };
+    let mode = match (wanted, missing.is_empty()) {
+        (MirrorMode::Refresh, _) => MirrorMode::Refresh,
+        (_, true) => MirrorMode::Cdc,
+        (MirrorMode::Cdc, false) => return Err(RunError::CdcUnavailable(missing.join("; "))),
+        (MirrorMode::Auto, false) => {
+            tracing::warn!(
+                missing = %missing.join("; "),
+                "mirror-mode auto: the server cannot feed changes; re-reading the table every refresh-interval instead"
             );
+            MirrorMode::Refresh
+        }
+    };
+    tracing::info!(mode = ?mode, slot = %feed.slot, publication = %feed.publication, "mirror mode");
+    Ok(Some(mode))
+}
+
+/// Brings the mirror to a state it can be followed from: in `cdc` mode the
+/// slot and, where needed, a snapshot after it; in `refresh` mode the first
+/// snapshot if the store has none. Returns false when shutdown came first.
+async fn load_mirror(
+    settings: &Settings,
+    mode: MirrorMode,
+    store: &Arc<Store>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, RunError> {
+    let started = std::time::Instant::now();
+    let outcome = if mode == MirrorMode::Cdc {
+        let feed = crate::cdc::FeedConfig::new(settings);
+        until_done(
+            "change feed start",
+            || crate::cdc::prepare(store.clone(), &feed, clock::now()),
+            shutdown,
+            |_| {},
+        )
+        .await
+    } else {
+        if store
+            .mirror_position()?
+            .is_some_and(|p| p.snapshot_complete)
+        {
+            tracing::info!("mirror present; resuming without a snapshot");
+            return Ok(true);
+        }
+        tracing::info!("mirror empty or incomplete; taking a snapshot of subscribers_restaurants");
+        until_done(
+            "mirror snapshot",
+            // `sync` succeeds only once the whole table has been merged.
+            || async {
+                let plan = mirror::SyncPlan::refresh(clock::now(), false);
+                mirror::sync(store.clone(), &settings.postgres_url, plan)
+                    .await
+                    .map(|stats| {
+                        tracing::info!(rows = stats.rows, "mirror snapshot loaded");
+                    })
+            },
+            shutdown,
+            |_| {},
+        )
+        .await
+    };
+    match outcome {
+        Ok(()) => {
+            tracing::info!(seconds = started.elapsed().as_secs_f64(), "mirror ready");
             Ok(true)
         }
         Err(Stopped::Shutdown) => Ok(false),
@@ -323,12 +478,18 @@ async fn load_mirror(
     }
 }
 
+/// Waits for the input topic's partitions. A broker that never answers
+/// within `startup-timeout` is an error; a broker that answers that the topic
+/// does not exist is waited on (not ready) until someone creates it.
 async fn wait_for_topic(
+    settings: &Settings,
     source: &Source,
     health: &Health,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Option<Vec<i32>>, RunError> {
-    match until_done(
+    let last_error = std::sync::Mutex::new(String::new());
+    let answered_once = std::sync::atomic::AtomicBool::new(false);
+    let attempts = until_done(
         "input topic metadata",
         || async {
             let result = source.partitions(Duration::from_secs(5));
@@ -340,14 +501,34 @@ async fn wait_for_topic(
                 }
                 Err(_) => false,
             };
+            if answered {
+                answered_once.store(true, Ordering::Relaxed);
+            }
+            if let Err(e) = &result {
+                *last_error.lock().expect("not poisoned") = e.to_string();
+            }
             health.kafka_ok.store(answered, Ordering::Relaxed);
             result
         },
         shutdown,
         |ok| health.input_assigned.store(ok, Ordering::Relaxed),
-    )
-    .await
-    {
+    );
+    tokio::pin!(attempts);
+    let outcome = tokio::select! {
+        outcome = &mut attempts => outcome,
+        _ = tokio::time::sleep(settings.startup_timeout) => {
+            if !answered_once.load(Ordering::Relaxed) {
+                return Err(RunError::Unreachable {
+                    what: format!("the Kafka brokers at {}", settings.brokers),
+                    timeout: humantime::format_duration(settings.startup_timeout),
+                    last_error: last_error.lock().expect("not poisoned").clone(),
+                });
+            }
+            tracing::warn!(topic = %settings.input_topic, "the input topic does not exist yet; waiting for it (not ready)");
+            attempts.await
+        }
+    };
+    match outcome {
         Ok(p) => Ok(Some(p)),
         Err(Stopped::Shutdown) => Ok(None),
         Err(Stopped::Fatal(source)) => Err(RunError::Fatal {

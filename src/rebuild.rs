@@ -54,7 +54,12 @@ pub async fn rebuild(settings: &Settings) -> anyhow::Result<Report> {
     let mut report = Report::default();
 
     let now = clock::now();
-    let stats = mirror::sync(store.clone(), &settings.postgres_url, now).await?;
+    let stats = mirror::sync(
+        store.clone(),
+        &settings.postgres_url,
+        mirror::SyncPlan::refresh(now, false),
+    )
+    .await?;
     report.subscriptions = stats.rows;
 
     let retention = settings.sent_retention.as_secs() as i64;

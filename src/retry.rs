@@ -16,6 +16,12 @@ pub enum SinkError {
     Kafka(#[source] KafkaError),
     #[error("state store: {0}")]
     Store(#[from] promo_fanout_state::StoreError),
+    /// The change feed said something this build cannot apply.
+    #[error("change feed: {0}")]
+    Feed(String),
+    /// A setup that waiting cannot fix.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl SinkError {
@@ -25,6 +31,7 @@ impl SinkError {
             SinkError::Postgres(_) => "postgres",
             SinkError::Kafka(_) => "kafka",
             SinkError::Store(_) => "state",
+            SinkError::Feed(_) | SinkError::Config(_) => "mirror",
         }
     }
 }
@@ -59,8 +66,9 @@ pub fn is_retryable(error: &SinkError) -> bool {
                     | RDKafkaErrorCode::InvalidArgument
             )
         ),
-        // The local disk failing is not an outage that passes.
-        SinkError::Store(_) => false,
+        // The local disk failing is not an outage that passes; nor is a feed
+        // this build cannot read, or a setup mistake.
+        SinkError::Store(_) | SinkError::Feed(_) | SinkError::Config(_) => false,
     }
 }
 

@@ -6,15 +6,36 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::Settings;
+use crate::config::{OutOfRange, Settings};
 use crate::retry::SinkError;
 use crate::sinks::kafka_config;
+
+/// Why the input could not be positioned.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "input topic {topic} partition {partition}: the stored position {position} is older than \
+         the oldest message the broker still holds ({low}); {lost} messages were deleted by \
+         retention before they were read. Refusing to skip them silently: restart with \
+         --position-out-of-range earliest (resume at {low}) or latest (resume at the end) \
+         to accept the loss",
+        lost = low - position
+    )]
+    OutOfRange {
+        topic: String,
+        partition: i32,
+        position: i64,
+        low: i64,
+    },
+    #[error("reading the input topic's offsets: {0}")]
+    Kafka(#[from] KafkaError),
+}
 
 /// One input message, detached from the consumer.
 #[derive(Debug, Clone)]
@@ -36,9 +57,20 @@ impl Source {
         config
             .set("group.id", &settings.group_id)
             .set("enable.partition.eof", "false");
-        if !settings.kafka.contains_key("auto.offset.reset") {
-            config.set("auto.offset.reset", "earliest");
+        // Where a fresh partition starts is decided in `start_positions`; this
+        // only applies `position-out-of-range` to a position that falls out
+        // of the retained log while running.
+        let reset = settings.position_out_of_range.auto_offset_reset();
+        if let Some(theirs) = settings.kafka.get("auto.offset.reset") {
+            if theirs != reset {
+                tracing::warn!(
+                    kafka_auto_offset_reset = %theirs,
+                    position_out_of_range = reset,
+                    "kafka.auto.offset.reset is set by position-out-of-range; ignoring the property"
+                );
+            }
         }
+        config.set("auto.offset.reset", reset);
         // Offsets move only when a batch is durable, by `commit` below.
         config
             .set("enable.auto.commit", "false")
@@ -72,31 +104,99 @@ impl Source {
         Ok(topic.partitions().iter().map(|p| p.id()).collect())
     }
 
-    /// Assigns every partition, each from its stored position when there is
-    /// one, else from the group's committed offset (else `auto.offset.reset`).
-    pub fn assign(
+    /// Where each partition starts: its position in the store, else the
+    /// group's committed offset, else the oldest message the broker holds. A
+    /// position the broker no longer holds (deleted by retention before it
+    /// was read) is handled by `policy`: an error, or a logged jump to the
+    /// oldest or the newest message.
+    pub fn start_positions(
         &self,
         partitions: &[i32],
         stored: &BTreeMap<i32, i64>,
-    ) -> Result<(), KafkaError> {
-        let mut tpl = TopicPartitionList::new();
+        policy: OutOfRange,
+        timeout: Duration,
+    ) -> Result<BTreeMap<i32, i64>, StartError> {
+        let mut known = stored.clone();
+        let fresh: Vec<i32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| !stored.contains_key(p))
+            .collect();
+        if !fresh.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for p in &fresh {
+                tpl.add_partition(&self.topic, *p);
+            }
+            let committed =
+                tokio::task::block_in_place(|| self.consumer.committed_offsets(tpl, timeout))?;
+            for e in committed.elements() {
+                if let Offset::Offset(next) = e.offset() {
+                    known.insert(e.partition(), next);
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
         for p in partitions {
-            let offset = stored
-                .get(p)
-                .map_or(Offset::Stored, |next| Offset::Offset(*next));
-            tpl.add_partition_offset(&self.topic, *p, offset)?;
+            let (low, high) = tokio::task::block_in_place(|| {
+                self.consumer.fetch_watermarks(&self.topic, *p, timeout)
+            })?;
+            let Some(next) = known.get(p).copied() else {
+                out.insert(*p, low);
+                continue;
+            };
+            if next >= low {
+                out.insert(*p, next);
+                continue;
+            }
+            let lost = low - next;
+            let start = match policy {
+                OutOfRange::Fail => {
+                    return Err(StartError::OutOfRange {
+                        topic: self.topic.clone(),
+                        partition: *p,
+                        position: next,
+                        low,
+                    })
+                }
+                OutOfRange::Earliest => low,
+                OutOfRange::Latest => high,
+            };
+            tracing::warn!(
+                topic = %self.topic,
+                partition = *p,
+                position = next,
+                oldest = low,
+                resume_at = start,
+                lost,
+                ?policy,
+                "input position older than the topic's retention: messages were deleted unread"
+            );
+            metrics::counter!("promo_fanout_positions_out_of_range_total", "partition" => p.to_string())
+                .increment(1);
+            out.insert(*p, start);
+        }
+        Ok(out)
+    }
+
+    /// Assigns every partition from its start position.
+    pub fn assign(&self, start: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in start {
+            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next))?;
         }
         self.consumer.assign(&tpl)
     }
 
     /// Waits up to `wait` for a first message, then takes what else arrives
-    /// within `linger`, `max` messages at most.
+    /// within `linger`, `max` messages at most. Read errors are logged and
+    /// retried; the one error returned is a position that fell out of the
+    /// retained log under `position-out-of-range = fail`.
     pub async fn next_batch(
         &self,
         max: usize,
         wait: Duration,
         linger: Duration,
-    ) -> Vec<InputMessage> {
+    ) -> Result<Vec<InputMessage>, KafkaError> {
         let mut out = Vec::new();
         let first_deadline = Instant::now() + wait;
         let mut deadline = first_deadline;
@@ -114,6 +214,11 @@ impl Source {
                         value: m.payload().map(<[u8]>::to_vec),
                     });
                 }
+                Ok(Err(error))
+                    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) =>
+                {
+                    return Err(error);
+                }
                 Ok(Err(error)) => {
                     // librdkafka reconnects by itself; report and keep reading.
                     tracing::warn!(%error, "input topic read failed");
@@ -126,7 +231,7 @@ impl Source {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// Tells the group how far this node has got. Only for display and for a
@@ -150,6 +255,7 @@ impl Source {
 /// `positions` is dropped.
 pub fn report_lag(
     settings: &Settings,
+    health: std::sync::Arc<crate::health::Health>,
     partitions: Vec<i32>,
     positions: watch::Receiver<BTreeMap<i32, i64>>,
     every: Duration,
@@ -164,9 +270,13 @@ pub fn report_lag(
             while positions.has_changed().is_ok() {
                 let current = positions.borrow().clone();
                 for p in &partitions {
-                    let Ok((low, high)) =
-                        consumer.fetch_watermarks(&topic, *p, Duration::from_millis(500))
-                    else {
+                    // Doubles as the broker's health check while no batch
+                    // is being delivered.
+                    let answer = consumer.fetch_watermarks(&topic, *p, Duration::from_secs(2));
+                    health
+                        .kafka_ok
+                        .store(answer.is_ok(), std::sync::atomic::Ordering::Relaxed);
+                    let Ok((low, high)) = answer else {
                         continue;
                     };
                     let next = current.get(p).copied().unwrap_or(low);

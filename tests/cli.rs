@@ -117,8 +117,77 @@ fn dump_explains_what_is_missing() {
     );
 }
 
+/// `--mirror-mode cdc` on a server that cannot feed changes names what is
+/// missing and how to fix it; `auto` falls back to re-reading the table.
 #[test]
-fn the_change_feed_mode_is_refused_until_it_exists() {
-    let err = refused_at_start(&["--mirror-mode", "cdc"]);
-    assert!(err.contains("--mirror-mode refresh"), "{err}");
+fn the_change_feed_explains_what_the_server_lacks() {
+    let db = common::Db::migrated();
+    db.client()
+        .batch_execute("DROP PUBLICATION promo_fanout")
+        .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let err = refused_at_start(&[
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--postgres-url",
+        &db.url,
+        "--mirror-mode",
+        "cdc",
+    ]);
+    assert!(
+        err.contains("publication promo_fanout does not exist")
+            && err.contains("promo-fanout migrate creates it")
+            && err.contains("--mirror-mode refresh"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bad_postgres_url_is_a_settings_error() {
+    let o = run(
+        &["run", "--postgres-url", "postgres://user@host:notaport/db"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("postgres-url"), "{}", stderr(&o));
+}
+
+#[test]
+fn an_unreachable_database_stops_the_start_with_one_line() {
+    let state = tempfile::tempdir().unwrap();
+    let err = refused_at_start(&[
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--postgres-url",
+        // Nothing listens on port 1.
+        "postgres://postgres@127.0.0.1:1/postgres",
+        "--startup-timeout",
+        "2s",
+    ]);
+    assert!(
+        err.contains("cannot reach Postgres at postgres://postgres@127.0.0.1:1/postgres")
+            && err.contains("startup timeout (2s)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unreachable_broker_stops_the_start_with_one_line() {
+    let db = common::Db::migrated();
+    let state = tempfile::tempdir().unwrap();
+    let err = refused_at_start(&[
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--postgres-url",
+        &db.url,
+        "--brokers",
+        "127.0.0.1:1",
+        "--startup-timeout",
+        "3s",
+    ]);
+    assert!(
+        err.contains("cannot reach the Kafka brokers at 127.0.0.1:1")
+            && err.contains("startup timeout (3s)"),
+        "{err}"
+    );
 }

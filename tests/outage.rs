@@ -3,12 +3,25 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(90);
+
+/// How long each outage is held: the 30 s, longer than the backoff's
+/// 10 s cap, so several retries happen at the cap.
+const OUTAGE: Duration = Duration::from_secs(30);
+
+/// Holds an outage for the rest of `OUTAGE` since `since`, checking `steady`
+/// (nothing committed, still running) every second meanwhile.
+fn hold(since: Instant, mut steady: impl FnMut()) {
+    while since.elapsed() < OUTAGE {
+        steady();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
 
 #[test]
 fn a_postgres_outage_is_waited_out() {
@@ -29,6 +42,7 @@ fn a_postgres_outage_is_waited_out() {
     service.wait_ready();
 
     proxy.cut();
+    let cut_at = Instant::now();
     let k = Uuid::new_v4();
     Producer::new().send_action(&topics.input, &live_action(r, k));
     wait_for("/readyz to report the outage", WAIT, || {
@@ -45,10 +59,15 @@ fn a_postgres_outage_is_waited_out() {
         positions.iter().all(|p| p["kind"] != "input"),
         "{positions:?}"
     );
-    assert!(
-        service.child.try_wait().unwrap().is_none(),
-        "the service keeps running"
-    );
+    hold(cut_at, || {
+        assert_eq!(db.feedback_count(), 0);
+        assert!(dump(state.path(), Some("sent")).is_empty());
+        assert!(
+            service.child.try_wait().unwrap().is_none(),
+            "the service keeps running"
+        );
+    });
+    assert!(service.metric("promo_fanout_retries_total") >= 3.0);
 
     proxy.restore();
     wait_for("every feedback row after the outage", WAIT, || {
@@ -78,15 +97,7 @@ fn a_kafka_outage_is_waited_out() {
     let db = Db::migrated();
     let state = tempfile::tempdir().unwrap();
     let mock = MockCluster::new(1).unwrap();
-    let topics = Topics {
-        input: unique("actions"),
-        output: unique("push"),
-        dlq: unique("dlq"),
-        group: unique("group"),
-    };
-    for t in [&topics.input, &topics.output, &topics.dlq] {
-        mock.create_topic(t, 1, 1).unwrap();
-    }
+    let topics = Topics::on_mock(&mock);
     let r = Uuid::new_v4();
     db.new_subscribers(r, 10);
 
@@ -102,6 +113,7 @@ fn a_kafka_outage_is_waited_out() {
         RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
     )
     .unwrap();
+    let broken_at = Instant::now();
     let k = Uuid::new_v4();
     Producer::on(&mock.bootstrap_servers()).send_action(&topics.input, &live_action(r, k));
 
@@ -122,10 +134,13 @@ fn a_kafka_outage_is_waited_out() {
         0,
         "nothing is marked sent"
     );
-    assert!(
-        service.child.try_wait().unwrap().is_none(),
-        "the service keeps running"
-    );
+    hold(broken_at, || {
+        assert!(dump(state.path(), Some("sent")).is_empty());
+        assert!(
+            service.child.try_wait().unwrap().is_none(),
+            "the service keeps running"
+        );
+    });
 
     mock.topic_error(&topics.output, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
         .unwrap();
@@ -134,5 +149,70 @@ fn a_kafka_outage_is_waited_out() {
     });
     service.wait_ready();
     assert_eq!(db.feedback_count(), 10);
+    assert!(service.stop().success());
+}
+
+/// The real broker process frozen with SIGSTOP for 30 s in the middle of a
+/// fan-out (connections open, nothing answering): the service reports itself
+/// not ready, commits nothing more, keeps running, and after SIGCONT finishes
+/// the fan-out with every notification once in Postgres.
+#[test]
+fn a_frozen_broker_is_waited_out() {
+    let broker = PrivateBroker::start();
+    let db = Db::migrated();
+    let topics = Topics::on(&broker.addr, 1);
+    let state = tempfile::tempdir().unwrap();
+    let r = Uuid::new_v4();
+    db.new_subscribers(r, 10_000);
+
+    let mut args = Service::settings(&db, &topics, state.path());
+    Service::set_flag(&mut args, "--brokers", broker.addr.clone());
+    args.extend(["--chunk-size".into(), "50".into()]);
+    let mut service = Service::spawn(args, vec![], state.path());
+    service.wait_ready();
+
+    Producer::on(&broker.addr).send_action(&topics.input, &live_action(r, Uuid::new_v4()));
+    wait_for("the fan-out to begin", WAIT, || {
+        (!dump(state.path(), Some("sent")).is_empty()).then_some(())
+    });
+    broker.freeze();
+    let frozen_at = Instant::now();
+    wait_for("/readyz to report the frozen broker", WAIT, || {
+        let (status, body) = service.get("/readyz")?;
+        (status == 503 && body.contains("kafka")).then_some(())
+    });
+    // A batch whose produce was acknowledged before the freeze commits at
+    // once; by the time /readyz notices (seconds), nothing more can.
+    let mut sent_during = dump(state.path(), Some("sent")).len();
+    hold(frozen_at, || {
+        let now = dump(state.path(), Some("sent")).len();
+        assert_eq!(
+            now, sent_during,
+            "nothing commits while the broker is frozen"
+        );
+        sent_during = now;
+        assert!(
+            service.child.try_wait().unwrap().is_none(),
+            "the service keeps running"
+        );
+    });
+    assert!(sent_during < 10_000, "the freeze caught the fan-out midway");
+
+    broker.thaw();
+    wait_for(
+        "the whole fan-out after the freeze",
+        Duration::from_secs(180),
+        || (dump(state.path(), Some("sent")).len() == 10_000).then_some(()),
+    );
+    service.wait_ready();
+    assert_eq!(db.feedback_count(), 10_000);
+    let mut push = Reader::on(&broker.addr, &topics.output);
+    push.until(10_000, WAIT);
+    let distinct: std::collections::BTreeSet<_> = push.seen.iter().map(|m| m.key.clone()).collect();
+    assert_eq!(
+        distinct.len(),
+        10_000,
+        "every subscriber is on the push topic"
+    );
     assert!(service.stop().success());
 }

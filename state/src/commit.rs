@@ -92,6 +92,25 @@ impl Commit {
         ));
     }
 
+    /// Records that `client` subscribed to `restaurant` while campaigns may
+    /// be under way: the pipeline tells it of those its fan-out has passed.
+    /// `seq` tells markers of the same pair apart (the change's LSN).
+    pub fn mark_late(&mut self, restaurant: Uuid, client: Uuid, seq: u64) {
+        self.ops.push(Op::Put(
+            Table::Subscriptions,
+            keys::sub_late(restaurant, client, seq).to_vec(),
+            codec::encode(&()),
+        ));
+    }
+
+    /// The late subscriber has been handled.
+    pub fn clear_late(&mut self, restaurant: Uuid, client: Uuid, seq: u64) {
+        self.ops.push(Op::Delete(
+            Table::Subscriptions,
+            keys::sub_late(restaurant, client, seq).to_vec(),
+        ));
+    }
+
     /// Empties the mirror, for a truncate of the source or a fresh snapshot.
     pub fn clear_subscriptions(&mut self) {
         self.ops.push(Op::DeleteRange(

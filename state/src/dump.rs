@@ -39,6 +39,13 @@ pub enum SubscriptionEntry {
         restaurant_id: Uuid,
         client_id: Uuid,
     },
+    /// A subscription that arrived through the change feed, not yet checked
+    /// against the campaigns under way.
+    Late {
+        restaurant_id: Uuid,
+        client_id: Uuid,
+        seq: u64,
+    },
 }
 
 /// A campaign as printed: the stored fields, progress spelled out.
@@ -95,6 +102,7 @@ pub enum PositionEntry {
         snapshot_complete: bool,
         lsn: Option<String>,
         slot: Option<String>,
+        catch_up_until: Option<String>,
         synced_at: i64,
     },
 }
@@ -108,13 +116,17 @@ impl From<MirrorPosition> for PositionEntry {
             },
             snapshot_complete: p.snapshot_complete,
             // Postgres's own notation, e.g. 0/16B3748.
-            lsn: p
-                .lsn
-                .map(|l| format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)),
+            lsn: p.lsn.map(lsn_text),
             slot: p.slot,
+            catch_up_until: p.catch_up_until.map(lsn_text),
             synced_at: p.synced_at,
         }
     }
+}
+
+/// An LSN in Postgres's own notation, e.g. `0/16B3748`.
+pub fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
 }
 
 #[derive(Debug, Serialize)]
@@ -157,6 +169,11 @@ fn decode_entry(table: Table, k: &[u8], v: &[u8]) -> Result<Entry, StoreError> {
                     client_id: c,
                 })
             }
+            (Some(&keys::SUB_LATE), 41) => Entry::Subscriptions(SubscriptionEntry::Late {
+                restaurant_id: keys::uuid_at(k, 1),
+                client_id: keys::uuid_at(k, 17),
+                seq: keys::u64_at(k, 33),
+            }),
             _ => return Err(bad_key()),
         },
         Table::Campaigns => Entry::Campaigns(decode::<Campaign>(name, k, v)?.into()),

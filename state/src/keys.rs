@@ -9,6 +9,9 @@ use uuid::Uuid;
 pub(crate) const SUB_BY_RESTAURANT: u8 = 0x01;
 /// `subscriptions`: row id → (restaurant, client), what a row-level delete needs.
 pub(crate) const SUB_BY_ROW: u8 = 0x02;
+/// `subscriptions`: a client who subscribed while the mirror followed the
+/// change feed, waiting to be told of campaigns already under way.
+pub(crate) const SUB_LATE: u8 = 0x03;
 /// `campaigns`: one key per campaign, ordered by restaurant.
 pub(crate) const CAMPAIGN: u8 = 0x01;
 /// `positions`: the next offset to read, per input partition.
@@ -72,6 +75,23 @@ pub(crate) fn sub_by_row(row: i64) -> [u8; 9] {
     k[0] = SUB_BY_ROW;
     k[1..9].copy_from_slice(&ordered_i64(row));
     k
+}
+
+/// `[0x03][restaurant][client][seq]`: one marker per change that made the
+/// subscription, so clearing one never clears a newer one.
+pub(crate) fn sub_late(restaurant: Uuid, client: Uuid, seq: u64) -> [u8; 41] {
+    let mut k = [0u8; 41];
+    k[0] = SUB_LATE;
+    k[1..17].copy_from_slice(restaurant.as_bytes());
+    k[17..33].copy_from_slice(client.as_bytes());
+    k[33..41].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
 }
 
 /// `[0x01][restaurant][campaign]`

@@ -12,7 +12,7 @@ mod records;
 mod store;
 
 pub use commit::Commit;
-pub use dump::Entry;
+pub use dump::{lsn_text, Entry};
 pub use error::StoreError;
 pub use records::{
     Campaign, Identity, MirrorMode, MirrorPosition, Progress, Subscription, SCHEMA_VERSION,

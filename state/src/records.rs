@@ -5,7 +5,9 @@ use uuid::Uuid;
 
 /// The layout of keys and tables this build reads and writes. A store with
 /// another version is refused rather than misread.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// 2: the mirror position records `catch_up_until`; late-subscriber markers.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Which pipeline a store belongs to: a store carries the group and topic it
 /// recorded positions for, so it is never resumed against another one.
@@ -75,6 +77,10 @@ pub struct MirrorPosition {
     pub lsn: Option<u64>,
     /// Logical replication: the slot the stream comes from.
     pub slot: Option<String>,
+    /// Logical replication: the stream up to here replays changes the
+    /// snapshot already holds (the slot was made just before it); they bring
+    /// the mirror to the table but notify no late subscriber.
+    pub catch_up_until: Option<u64>,
     /// Unix seconds of the last snapshot or re-read applied.
     pub synced_at: i64,
 }

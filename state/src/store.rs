@@ -285,6 +285,32 @@ impl Store {
         Ok(iter.key().is_some_and(|k| k.starts_with(&prefix)))
     }
 
+    /// Up to `limit` late-subscriber markers, as (restaurant, client, seq).
+    pub fn late_subscribers(&self, limit: usize) -> Result<Vec<(Uuid, Uuid, u64)>, StoreError> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(vec![keys::SUB_LATE + 1]);
+        let mut iter = self
+            .db
+            .raw_iterator_cf_opt(self.cf(Table::Subscriptions), opts);
+        iter.seek([keys::SUB_LATE]);
+        let mut out = Vec::new();
+        while let Some(k) = iter.key() {
+            if out.len() >= limit {
+                break;
+            }
+            if k.len() == 41 {
+                out.push((
+                    keys::uuid_at(k, 1),
+                    keys::uuid_at(k, 17),
+                    keys::u64_at(k, 33),
+                ));
+            }
+            iter.next();
+        }
+        iter.status()?;
+        Ok(out)
+    }
+
     /// The mirrored row with this id.
     pub fn subscription_row(&self, row_id: i64) -> Result<Option<crate::Subscription>, StoreError> {
         let key = keys::sub_by_row(row_id);

@@ -57,6 +57,7 @@ fn committed_state_survives_reopen() {
             snapshot_complete: true,
             lsn: None,
             slot: None,
+            catch_up_until: None,
             synced_at: 11,
         });
         store.commit(c).unwrap();
@@ -217,4 +218,32 @@ fn a_secondary_reads_what_the_primary_commits_while_it_is_open() {
         })
         .collect();
     assert_eq!(tables, ["campaigns", "positions", "meta", "meta"]);
+}
+
+#[test]
+fn late_subscribers_are_listed_until_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &identity()).unwrap();
+    let (r, c1, c2) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+    let mut c = Commit::new();
+    c.put_subscription(&sub(7, 1, 2));
+    c.mark_late(r, c2, 9);
+    c.mark_late(r, c1, 5);
+    c.mark_late(r, c1, 8);
+    store.commit(c).unwrap();
+    assert_eq!(
+        store.late_subscribers(10).unwrap(),
+        vec![(r, c1, 5), (r, c1, 8), (r, c2, 9)]
+    );
+    assert_eq!(store.late_subscribers(1).unwrap(), vec![(r, c1, 5)]);
+    let mut c = Commit::new();
+    c.clear_late(r, c1, 5);
+    store.commit(c).unwrap();
+    // A newer marker of the same pair survives the older one's clearing.
+    assert_eq!(
+        store.late_subscribers(10).unwrap(),
+        vec![(r, c1, 8), (r, c2, 9)]
+    );
+    // The markers live beside the mirror but are not subscriptions.
+    assert_eq!(store.subscription_rows().count(), 1);
 }

@@ -140,13 +140,89 @@ impl Db {
 
 impl Drop for Db {
     fn drop(&mut self) {
-        if let Ok(mut admin) = postgres::Client::connect(&admin_url(), postgres::NoTls) {
-            let _ = admin.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ));
+        let Ok(mut admin) = postgres::Client::connect(&admin_url(), postgres::NoTls) else {
+            return;
+        };
+        // A replication slot (the change feed's) keeps its database: drop
+        // the slots once their readers are gone, then the database.
+        for _ in 0..50 {
+            let _ = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                &[&self.name],
+            );
+            let _ = admin.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE database = $1 AND NOT active",
+                &[&self.name],
+            );
+            let left: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
+                    &[&self.name],
+                )
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            if left == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
+        let _ = admin.batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
     }
+}
+
+impl Db {
+    /// The table's rows as (row id, restaurant, client), by id.
+    pub fn subscription_rows(&self) -> Vec<(i64, Uuid, Uuid)> {
+        self.client()
+            .query(
+                "SELECT id, restaurant_id, client_id FROM subscribers_restaurants ORDER BY id",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    /// This database's replication slots, by name.
+    pub fn slots(&self) -> Vec<String> {
+        postgres::Client::connect(&admin_url(), postgres::NoTls)
+            .unwrap()
+            .query(
+                "SELECT slot_name::text FROM pg_replication_slots WHERE database = $1 ORDER BY 1",
+                &[&self.name],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+}
+
+/// The mirror in a state dump, as (row id, restaurant, client) by row id.
+pub fn mirror_rows(state_dir: &Path) -> Vec<(i64, Uuid, Uuid)> {
+    dump(state_dir, Some("subscriptions"))
+        .iter()
+        .filter(|e| e["kind"] == "by_row")
+        .map(|e| {
+            (
+                e["row_id"].as_i64().unwrap(),
+                e["restaurant_id"].as_str().unwrap().parse().unwrap(),
+                e["client_id"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The mirror position in a state dump.
+pub fn mirror_position(state_dir: &Path) -> Option<Value> {
+    dump(state_dir, Some("positions"))
+        .into_iter()
+        .find(|e| e["kind"] == "mirror")
 }
 
 /// Fresh input, output and DLQ topics.
@@ -159,6 +235,27 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(partitions: i32) -> Topics {
+        Topics::on(&brokers(), partitions)
+    }
+
+    /// Fresh one-partition topics on librdkafka's mock cluster.
+    pub fn on_mock<C: rdkafka::ClientContext>(
+        mock: &rdkafka::mocking::MockCluster<'_, C>,
+    ) -> Topics {
+        let t = Topics {
+            input: unique("actions"),
+            output: unique("push"),
+            dlq: unique("dlq"),
+            group: unique("group"),
+        };
+        for name in [&t.input, &t.output, &t.dlq] {
+            mock.create_topic(name, 1, 1).unwrap();
+        }
+        t
+    }
+
+    /// Fresh topics on another cluster, e.g. a private broker.
+    pub fn on(brokers: &str, partitions: i32) -> Topics {
         let t = Topics {
             input: unique("actions"),
             output: unique("push"),
@@ -166,7 +263,7 @@ impl Topics {
             group: unique("group"),
         };
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", brokers)
             .create()
             .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -294,8 +391,13 @@ pub struct Reader {
 
 impl Reader {
     pub fn new(topic: &str) -> Reader {
+        Reader::on(&brokers(), topic)
+    }
+
+    /// A reader of a topic on another cluster.
+    pub fn on(brokers: &str, topic: &str) -> Reader {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", brokers)
             .set("group.id", unique("reader"))
             .set("enable.auto.commit", "false")
             .create()
@@ -554,6 +656,68 @@ pub fn dump(state_dir: &Path, table: Option<&str>) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// `promo-fanout ARGS...` run to its end: (exit code, stderr).
+pub fn run_cli(args: &[String]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A tansu broker of the test's own, on a free loopback port, for faults that
+/// would disturb the shared one (freezing it). Killed on drop.
+pub struct PrivateBroker {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl PrivateBroker {
+    pub fn start() -> PrivateBroker {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{addr}");
+        let tansu = std::env::var("PF_TEST_TANSU").unwrap_or_else(|_| "tansu".into());
+        let child = Command::new(&tansu)
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {tansu} (scripts/test.sh installs it): {e}"));
+        wait_for(
+            "the private broker to listen",
+            Duration::from_secs(30),
+            || std::net::TcpStream::connect(&addr).ok(),
+        );
+        PrivateBroker { child, addr }
+    }
+
+    /// SIGSTOP: the process stays, its connections stay open, nothing answers.
+    pub fn freeze(&self) {
+        unsafe { libc_kill(self.child.id() as i32, 19) };
+    }
+
+    /// SIGCONT.
+    pub fn thaw(&self) {
+        unsafe { libc_kill(self.child.id() as i32, 18) };
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.thaw();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A loopback TCP proxy a test can cut (every connection closed, new ones

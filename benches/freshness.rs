@@ -1,0 +1,178 @@
+//! Mirror freshness under `mirror-mode = cdc`: the time from a subscription's
+//! commit in Postgres to its being durable in the mirror, as the service's own
+//! histogram `promo_fanout_mirror_freshness_seconds` records it.
+//!
+//! `cargo bench --bench freshness` (Postgres on `PF_BENCH_POSTGRES`, default
+//! the local one, with wal_level=logical; Kafka is librdkafka's mock cluster,
+//! the mirror does not need the broker). It commits single-row transactions at
+//! a steady rate (`PF_BENCH_RATE` per second, default 200) for
+//! `PF_BENCH_SECONDS` (default 30), then prints p50/p95/p99 from the histogram
+//! and writes them to `target/bench/freshness.md`.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::mocking::MockCluster;
+use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_promo-fanout");
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, out.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// (upper bound, cumulative count) of each bucket of a Prometheus histogram.
+fn buckets(body: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    body.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The smallest bucket bound under which `q` of the observations fall.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    buckets
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map_or(f64::NAN, |b| b.0)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let admin = env_or(
+        "PF_BENCH_POSTGRES",
+        "postgres://postgres@127.0.0.1:5432/postgres".to_owned(),
+    );
+    let rate: u64 = env_or("PF_BENCH_RATE", 200);
+    let seconds: u64 = env_or("PF_BENCH_SECONDS", 30);
+
+    let name = format!("pf_bench_{}", Uuid::new_v4().simple());
+    let mut pg_admin = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+    pg_admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    let ok = Command::new(BIN)
+        .args(["migrate", "--postgres-url", &url])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+
+    let mock = MockCluster::new(1).unwrap();
+    for t in ["actions", "push", "dlq"] {
+        mock.create_topic(t, 1, 1).unwrap();
+    }
+    let state = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut child = Command::new(BIN)
+        .arg("run")
+        .args(["--brokers", &mock.bootstrap_servers()])
+        .args(["--postgres-url", &url])
+        .args(["--state-dir", state.path().to_str().unwrap()])
+        .args([
+            "--input-topic",
+            "actions",
+            "--output-topic",
+            "push",
+            "--dlq-topic",
+            "dlq",
+        ])
+        .args(["--group-id", &name, "--mirror-mode", "cdc"])
+        .args(["--metrics-addr", &metrics])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(&metrics, "/readyz").map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "the service did not get ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let insert = pg
+        .prepare("INSERT INTO subscribers_restaurants (client_id, restaurant_id) VALUES ($1, $2)")
+        .unwrap();
+    let restaurant = Uuid::new_v4();
+    let every = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let total = rate * seconds;
+    for i in 0..total {
+        let due = started + every * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        pg.execute(&insert, &[&Uuid::new_v4(), &restaurant])
+            .unwrap();
+    }
+    let name_h = "promo_fanout_mirror_freshness_seconds";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let (_, body) = get(&metrics, "/metrics").unwrap_or_default();
+        let b = buckets(&body, name_h);
+        if b.last().is_some_and(|l| l.1 >= total as f64) {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every transaction was applied"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let b = buckets(&body, name_h);
+    let (p50, p95, p99) = (quantile(&b, 0.5), quantile(&b, 0.95), quantile(&b, 0.99));
+    let table = format!(
+        "| transactions | rate | poll interval | p50 ≤ | p95 ≤ | p99 ≤ |\n\
+         |---|---|---|---|---|---|\n\
+         | {total} single-row inserts | {rate}/s | 50 ms | {:.0} ms | {:.0} ms | {:.0} ms |\n",
+        p50 * 1000.0,
+        p95 * 1000.0,
+        p99 * 1000.0
+    );
+    println!("mirror freshness (commit in Postgres → durable in the mirror), histogram bucket bounds:\n\n{table}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let dir = std::env::var("CARGO_TARGET_DIR")
+        .map(|d| std::path::PathBuf::from(d).join("bench"))
+        .unwrap_or(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("freshness.md"), &table).unwrap();
+
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(pg);
+    let _ = pg_admin.execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
+        &[&name],
+    );
+    let _ = pg_admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+}

@@ -1,0 +1,319 @@
+//! The live mirror (`mirror-mode = cdc`): Postgres logical replication into
+//! the state store, on the real local Postgres (wal_level=logical, set up by
+//! scripts/test.sh). What is checked is what an operator would look at: the
+//! mirror in `state dump` against the table, the slot in
+//! `pg_replication_slots`, the rows in `subscribers_feedback`, the metrics.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use rand::Rng;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn start_cdc(db: &Db, topics: &Topics, state: &std::path::Path) -> Service {
+    Service::start(db, topics, state, &["--mirror-mode", "cdc"])
+}
+
+fn wait_mirror_equals_table(db: &Db, state: &std::path::Path) {
+    let mut last = (Vec::new(), Vec::new());
+    let done = (0..600).any(|_| {
+        last = (mirror_rows(state), db.subscription_rows());
+        if last.0 == last.1 {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        false
+    });
+    assert!(
+        done,
+        "the mirror never matched the table: {} mirrored rows, {} in the table",
+        last.0.len(),
+        last.1.len()
+    );
+}
+
+fn slot_confirmed(db: &Db) -> String {
+    postgres::Client::connect(&admin_url(), postgres::NoTls)
+        .unwrap()
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE database = $1",
+            &[&db.name],
+        )
+        .unwrap()
+        .get(0)
+}
+
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+#[test]
+fn a_random_workload_leaves_the_mirror_equal_to_the_table() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let restaurants: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    let clients: Vec<Uuid> = (0..30).map(|_| Uuid::new_v4()).collect();
+    for r in &restaurants {
+        db.subscribe_many(*r, &clients[..10]);
+    }
+    let mut service = start_cdc(&db, &topics, state.path());
+    assert_eq!(
+        mirror_position(state.path()).unwrap()["mode"],
+        "cdc",
+        "the server allows the change feed"
+    );
+
+    let mut rng = rand::rng();
+    let mut pg = db.client();
+    let mut truncates = 0;
+    for step in 0..400 {
+        let r = restaurants[rng.random_range(0..restaurants.len())];
+        let c = clients[rng.random_range(0..clients.len())];
+        match rng.random_range(0..100) {
+            // Inserts, the same pair again as often as not.
+            0..=44 => {
+                db.subscribe(r, c);
+            }
+            // Several changes in one transaction.
+            45..=54 => {
+                let mut tx = pg.transaction().unwrap();
+                tx.execute(
+                    "INSERT INTO subscribers_restaurants (client_id, restaurant_id) VALUES ($1, $2), ($1, $2)",
+                    &[&c, &r],
+                )
+                .unwrap();
+                tx.execute(
+                    "DELETE FROM subscribers_restaurants WHERE id = (SELECT min(id) FROM subscribers_restaurants)",
+                    &[],
+                )
+                .unwrap();
+                tx.commit().unwrap();
+            }
+            55..=84 => {
+                pg.execute(
+                    "DELETE FROM subscribers_restaurants WHERE id = \
+                     (SELECT id FROM subscribers_restaurants ORDER BY random() LIMIT 1)",
+                    &[],
+                )
+                .unwrap();
+            }
+            // Updates: a row moves to another client.
+            85..=97 => {
+                pg.execute(
+                    "UPDATE subscribers_restaurants SET client_id = $1 WHERE id = \
+                     (SELECT id FROM subscribers_restaurants ORDER BY random() LIMIT 1)",
+                    &[&c],
+                )
+                .unwrap();
+            }
+            _ => {
+                pg.batch_execute("TRUNCATE subscribers_restaurants")
+                    .unwrap();
+                truncates += 1;
+            }
+        }
+        if step == 200 && truncates == 0 {
+            pg.batch_execute("TRUNCATE subscribers_restaurants")
+                .unwrap();
+            truncates += 1;
+        }
+    }
+    wait_mirror_equals_table(&db, state.path());
+    assert!(truncates > 0);
+    assert_eq!(service.metric("promo_fanout_mirror_snapshots_total"), 1.0);
+    // Postgres 15 skips transactions that changed nothing (a delete of no
+    // row): count what was applied, and its freshness, one for one.
+    let applied = service.metric("promo_fanout_mirror_transactions_total");
+    assert!(applied >= 200.0, "{applied} transactions applied");
+    assert_eq!(
+        service.metric("promo_fanout_mirror_freshness_seconds_count"),
+        applied,
+        "every applied transaction's freshness is measured"
+    );
+    assert_eq!(db.slots(), vec![format!("promo_fanout_{}", topics.group)]);
+    assert!(service.stop().success());
+}
+
+#[test]
+fn a_restart_resumes_the_feed_without_a_new_snapshot() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let r = Uuid::new_v4();
+    db.new_subscribers(r, 50);
+    let mut service = start_cdc(&db, &topics, state.path());
+    db.new_subscribers(r, 20);
+    wait_mirror_equals_table(&db, state.path());
+
+    service.kill();
+    // While the service is down, the table changes.
+    db.new_subscribers(r, 30);
+    db.client()
+        .execute("DELETE FROM subscribers_restaurants WHERE id % 3 = 0", &[])
+        .unwrap();
+    service.restart();
+    wait_mirror_equals_table(&db, state.path());
+    assert_eq!(
+        service.metric("promo_fanout_mirror_snapshots_total"),
+        0.0,
+        "the restart resumed the stream"
+    );
+    assert_eq!(service.metric("promo_fanout_mirror_resnapshots_total"), 0.0);
+    // The slot is confirmed up to what the store holds.
+    let stored = mirror_position(state.path()).unwrap()["lsn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for("the slot to be confirmed up to the mirror", WAIT, || {
+        (lsn(&slot_confirmed(&db)) >= lsn(&stored)).then_some(())
+    });
+    assert!(service.stop().success());
+}
+
+#[test]
+fn a_late_subscriber_is_notified_once_and_an_unsubscribed_one_nothing_new() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let r = Uuid::new_v4();
+    let (a, b, c, late) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    db.subscribe_many(r, &[a, b, c]);
+    let mut service = start_cdc(&db, &topics, state.path());
+
+    let k1 = Uuid::new_v4();
+    Producer::new().send_action(&topics.input, &live_action(r, k1));
+    wait_for("the campaign's fan-out", WAIT, || {
+        (db.feedback_count() == 3).then_some(())
+    });
+    let c_row: i64 = db
+        .client()
+        .query_one(
+            "SELECT id FROM subscribers_restaurants WHERE client_id = $1",
+            &[&c],
+        )
+        .unwrap()
+        .get(0);
+
+    // A client favourites the restaurant while the campaign runs.
+    db.subscribe(r, late);
+    wait_for("the late subscriber's notification", WAIT, || {
+        db.feedback().contains(&(r, k1, late)).then_some(())
+    });
+    // The same pair again, in a second row: nothing new.
+    db.subscribe(r, late);
+    wait_for("the second marker to be handled", WAIT, || {
+        let rows = mirror_rows(state.path());
+        let markers = dump(state.path(), Some("subscriptions"))
+            .iter()
+            .filter(|e| e["kind"] == "late")
+            .count();
+        (rows.iter().filter(|x| x.2 == late).count() == 2 && markers == 0).then_some(())
+    });
+    assert_eq!(service.metric("promo_fanout_late_notifications_total"), 1.0);
+
+    // Client c unsubscribes; the next campaign does not reach them.
+    db.client()
+        .execute(
+            "DELETE FROM subscribers_restaurants WHERE id = $1",
+            &[&c_row],
+        )
+        .unwrap();
+    wait_for("the mirror to drop the row", WAIT, || {
+        (!mirror_rows(state.path()).iter().any(|x| x.0 == c_row)).then_some(())
+    });
+    let k2 = Uuid::new_v4();
+    Producer::new().send_action(&topics.input, &live_action(r, k2));
+    wait_for("the second campaign's fan-out", WAIT, || {
+        (db.feedback().iter().filter(|t| t.1 == k2).count() == 3).then_some(())
+    });
+
+    let expected: BTreeSet<_> = [
+        (r, k1, a),
+        (r, k1, b),
+        (r, k1, c),
+        (r, k1, late),
+        (r, k2, a),
+        (r, k2, b),
+        (r, k2, late),
+    ]
+    .into_iter()
+    .collect();
+    let rows: BTreeSet<_> = db.feedback().into_iter().collect();
+    assert_eq!(rows, expected);
+    let mut push = Reader::new(&topics.output);
+    push.until(7, WAIT);
+    push.drain(Duration::from_secs(1));
+    assert_eq!(
+        push.seen.len(),
+        7,
+        "each notification once on the push topic"
+    );
+    let on_topic: BTreeSet<_> = triples(&push.seen).into_iter().collect();
+    assert_eq!(on_topic, expected);
+    assert!(service.stop().success());
+}
+
+#[test]
+fn a_lost_slot_is_replaced_by_a_fresh_snapshot() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let r = Uuid::new_v4();
+    db.new_subscribers(r, 10);
+    let mut service = start_cdc(&db, &topics, state.path());
+    assert!(service.stop().success());
+
+    // An operator (or max_slot_wal_keep_size) removes the slot meanwhile.
+    let slot = format!("promo_fanout_{}", topics.group);
+    db.client()
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .unwrap();
+    db.new_subscribers(r, 5);
+    service.restart();
+    assert_eq!(service.metric("promo_fanout_mirror_resnapshots_total"), 1.0);
+    assert_eq!(service.metric("promo_fanout_mirror_snapshots_total"), 1.0);
+    wait_mirror_equals_table(&db, state.path());
+    assert_eq!(db.slots(), vec![slot]);
+    assert!(service.stop().success());
+}
+
+#[test]
+fn an_idle_table_does_not_pin_wal() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let mut service = start_cdc(&db, &topics, state.path());
+    let before = lsn(&slot_confirmed(&db));
+    // Other tables write WAL; ours stays idle.
+    let mut pg = db.client();
+    pg.batch_execute(
+        "CREATE TABLE unrelated AS SELECT g AS n, md5(g::text) AS s FROM generate_series(1, 20000) g",
+    )
+    .unwrap();
+    let written: String = pg
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    assert!(lsn(&written) > before);
+    wait_for("the slot to move past the unrelated writes", WAIT, || {
+        (lsn(&slot_confirmed(&db)) >= lsn(&written)).then_some(())
+    });
+    let stored = mirror_position(state.path()).unwrap()["lsn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(lsn(&stored) >= lsn(&written), "the store moved first");
+    assert!(service.stop().success());
+}
