@@ -225,11 +225,7 @@ pub async fn prepare(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(
     }
     if let Some(s) = &slot {
         if let Some(pid) = s.active_pid {
-            return Err(SinkError::Config(format!(
-                "replication slot {} is in use by another process (pid {pid}): \
-                 is another promo-fanout running with this group?",
-                feed.slot
-            )));
+            wait_released(&client, &feed.slot, pid).await?;
         }
         drop_slot(&client, &feed.slot).await?;
     }
@@ -274,6 +270,27 @@ pub async fn prepare(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(
         "snapshot loaded; following the change feed"
     );
     Ok(())
+}
+
+/// Waits for a slot held by another backend to be let go: after a `kill -9`
+/// the server backend of the dead process may still be finishing its query.
+/// A slot held for long belongs to a live reader: another promo-fanout with
+/// this group, which is an error.
+async fn wait_released(client: &Client, slot: &str, pid: i32) -> Result<(), SinkError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match slot_state(client, slot).await? {
+            Some(SlotState {
+                active_pid: Some(_),
+                ..
+            }) => tokio::time::sleep(Duration::from_millis(200)).await,
+            _ => return Ok(()),
+        }
+    }
+    Err(SinkError::Config(format!(
+        "replication slot {slot} has been in use by another process (pid {pid}) for 30 s: \
+         is another promo-fanout running with this group?"
+    )))
 }
 
 /// One committed transaction's changes to the source table.

@@ -49,6 +49,9 @@ pub fn is_retryable(error: &SinkError) -> bool {
                 let class = &code.code()[..2];
                 matches!(class, "08" | "53" | "57" | "58" | "40")
                     || *code == SqlState::LOCK_NOT_AVAILABLE
+                    // A replication slot still held by the server backend of
+                    // a predecessor killed mid-query: it lets go shortly.
+                    || *code == SqlState::OBJECT_IN_USE
             }
         },
         SinkError::Kafka(e) => !matches!(
