@@ -24,6 +24,7 @@
 //! `promo_fanout_mirror_resnapshots_total`.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,7 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::config::Settings;
+use crate::health::Health;
 use crate::mirror::{self, SyncPlan, SyncStats};
 use crate::pgoutput::{self, lsn_text, Message, Tuple, Value};
 use crate::retry::{backoff, is_retryable, SinkError};
@@ -533,11 +535,17 @@ fn apply(
 pub async fn follow(
     store: Arc<Store>,
     feed: FeedConfig,
+    health: Arc<Health>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SinkError> {
     let mut delays = backoff();
     loop {
-        let result = stream(&store, &feed, &mut shutdown).await;
+        let result = stream(&store, &feed, &health, &mut shutdown).await;
+        // The feed polls Postgres all the time: while it fails, the service
+        // is not ready even when no batch is being written.
+        if matches!(&result, Err(SinkError::Postgres(_))) {
+            health.postgres_ok.store(false, Ordering::Relaxed);
+        }
         if *shutdown.borrow() {
             return Ok(());
         }
@@ -587,6 +595,7 @@ fn slot_gone(error: &SinkError) -> bool {
 async fn stream(
     store: &Arc<Store>,
     feed: &FeedConfig,
+    health: &Health,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), SinkError> {
     let pg = SinkError::Postgres;
@@ -620,6 +629,7 @@ async fn stream(
             )
             .await
             .map_err(pg)?;
+        health.postgres_ok.store(true, Ordering::Relaxed);
         let full = rows.len() as i32 >= MAX_CHANGES;
         let mut messages = Vec::with_capacity(rows.len());
         for r in &rows {

@@ -123,6 +123,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         MirrorMode::Cdc => tokio::spawn(crate::cdc::follow(
             store.clone(),
             crate::cdc::FeedConfig::new(&settings),
+            health.clone(),
             shutdown.clone(),
         )),
         _ => {
