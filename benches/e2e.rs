@@ -57,7 +57,9 @@ struct Bench {
 fn scratch_db(admin_url: &str) -> (String, String) {
     let name = format!("pf_e2e_{}", Uuid::new_v4().simple());
     let mut admin = postgres::Client::connect(admin_url, postgres::NoTls).unwrap();
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
     let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
     let ok = Command::new(BIN)
         .args(["migrate", "--postgres-url", &url])
@@ -217,7 +219,13 @@ impl Bench {
         });
     }
 
-    fn service(&self, url: &str, t: &Topics, state: &std::path::Path, group: &str) -> (Child, String) {
+    fn service(
+        &self,
+        url: &str,
+        t: &Topics,
+        state: &std::path::Path,
+        group: &str,
+    ) -> (Child, String) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -250,7 +258,10 @@ impl Bench {
     fn wait_sent(&self, metrics: &str, n: f64, limit: Duration) {
         let started = Instant::now();
         while metric(metrics, "promo_fanout_notifications_sent_total") < n {
-            assert!(started.elapsed() < limit, "the notifications did not all commit");
+            assert!(
+                started.elapsed() < limit,
+                "the notifications did not all commit"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -309,7 +320,11 @@ impl Bench {
         let insert = n as f64 / started.elapsed().as_secs_f64();
         drop(pg);
         drop_db(&self.admin_url, &name);
-        self.row("raw Postgres COPY", format!("{copy:.0} rows/s"), &format!("{n} rows"));
+        self.row(
+            "raw Postgres COPY",
+            format!("{copy:.0} rows/s"),
+            &format!("{n} rows"),
+        );
         self.row(
             "raw Postgres INSERT … ON CONFLICT",
             format!("{insert:.0} rows/s"),
@@ -357,7 +372,12 @@ impl Bench {
         self.wait_ready(&metrics, Duration::from_secs(120));
         let actions: Vec<(String, String)> = rs
             .iter()
-            .flat_map(|r| [(r.to_string(), action(*r, Uuid::new_v4())), (r.to_string(), action(*r, Uuid::new_v4()))])
+            .flat_map(|r| {
+                [
+                    (r.to_string(), action(*r, Uuid::new_v4())),
+                    (r.to_string(), action(*r, Uuid::new_v4())),
+                ]
+            })
             .collect();
         let expected = (actions.len() as u64 * subscribers) as f64;
         let producer = self.producer();
@@ -411,13 +431,17 @@ impl Bench {
             std::thread::spawn(move || {
                 let consumer: BaseConsumer = ClientConfig::new()
                     .set("bootstrap.servers", &brokers)
-                    .set("group.id", format!("e2e_reader_{}", Uuid::new_v4().simple()))
+                    .set(
+                        "group.id",
+                        format!("e2e_reader_{}", Uuid::new_v4().simple()),
+                    )
                     .set("fetch.wait.max.ms", "5")
                     .create()
                     .unwrap();
                 let mut tpl = TopicPartitionList::new();
                 for p in 0..PARTITIONS {
-                    tpl.add_partition_offset(&topic, p, Offset::Beginning).unwrap();
+                    tpl.add_partition_offset(&topic, p, Offset::Beginning)
+                        .unwrap();
                 }
                 consumer.assign(&tpl).unwrap();
                 let mut latencies = Vec::with_capacity(expected as usize);
@@ -427,7 +451,8 @@ impl Bench {
                         continue;
                     };
                     let seen = Instant::now();
-                    let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                    let v: serde_json::Value =
+                        serde_json::from_slice(m.payload().unwrap()).unwrap();
                     let k = v["adv_campaign_id"].as_str().unwrap().to_owned();
                     if let Some(at) = sent.lock().unwrap().get(&k) {
                         latencies.push(seen.duration_since(*at).as_secs_f64() * 1000.0);
@@ -439,21 +464,29 @@ impl Bench {
         let producer = self.producer();
         let every = Duration::from_secs_f64(1.0 / rate as f64);
         let started = Instant::now();
+        let planned: Vec<(String, String, String)> = rs
+            .iter()
+            .map(|r| {
+                let k = Uuid::new_v4();
+                (r.to_string(), action(*r, k), k.to_string())
+            })
+            .collect();
         self.rt.block_on(async {
             let mut pending = Vec::new();
-            for (i, r) in rs.iter().enumerate() {
+            for (i, (key, payload, k)) in planned.iter().enumerate() {
                 let due = started + every * i as u32;
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     tokio::time::sleep(wait).await;
                 }
-                let k = Uuid::new_v4();
-                sent.lock().unwrap().insert(k.to_string(), Instant::now());
-                let payload = action(*r, k);
-                let key = r.to_string();
-                pending.push(producer.send(
-                    FutureRecord::to(&t.input).key(&key).payload(&payload),
-                    Duration::from_secs(60),
-                ));
+                sent.lock().unwrap().insert(k.clone(), Instant::now());
+                pending.push(
+                    producer.send(
+                        FutureRecord::to(&t.input)
+                            .key(key.as_str())
+                            .payload(payload.as_str()),
+                        Duration::from_secs(60),
+                    ),
+                );
                 if pending.len() >= 100 {
                     for s in futures::future::join_all(std::mem::take(&mut pending)).await {
                         s.map_err(|(e, _)| e).unwrap();
@@ -466,13 +499,22 @@ impl Bench {
         });
         let mut lat = reader.join().unwrap();
         lat.sort_by(|a, b| a.total_cmp(b));
-        let q = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+        let q = |p: f64| {
+            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
         let _ = child.kill();
         let _ = child.wait();
         drop_db(&self.admin_url, &name);
         self.row(
             "latency, action → push visible",
-            format!("p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms", q(0.5), q(0.95), q(0.99)),
+            format!(
+                "p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms",
+                q(0.5),
+                q(0.95),
+                q(0.99)
+            ),
             &format!(
                 "{rate} actions/s × 100 subscribers for {seconds} s; {} of {} messages read back",
                 lat.len(),
@@ -492,7 +534,11 @@ impl Bench {
         self.wait_ready(&metrics, Duration::from_secs(600));
         let producer = self.producer();
         let started = Instant::now();
-        self.produce_all(&producer, &t.input, &[(r.to_string(), action(r, Uuid::new_v4()))]);
+        self.produce_all(
+            &producer,
+            &t.input,
+            &[(r.to_string(), action(r, Uuid::new_v4()))],
+        );
         self.wait_sent(&metrics, n as f64, Duration::from_secs(3600));
         let wall = started.elapsed().as_secs_f64();
         let rss = peak_rss_mib(child.id());
@@ -502,7 +548,10 @@ impl Bench {
         self.row(
             "hot restaurant",
             format!("{wall:.1} s, peak RSS {rss:.0} MiB"),
-            &format!("1 action × {n} subscribers ({:.0} notifications/s)", n as f64 / wall),
+            &format!(
+                "1 action × {n} subscribers ({:.0} notifications/s)",
+                n as f64 / wall
+            ),
         );
     }
 
