@@ -543,8 +543,15 @@ pub async fn follow(
         let result = stream(&store, &feed, &health, &mut shutdown).await;
         // The feed polls Postgres all the time: while it fails, the service
         // is not ready even when no batch is being written.
-        if matches!(&result, Err(SinkError::Postgres(_))) {
-            health.postgres_ok.store(false, Ordering::Relaxed);
+        if let Err(SinkError::Postgres(e)) = &result {
+            // Unreachable, not merely busy (a slot still held by a killed
+            // predecessor's backend is waited for without going unready).
+            let unreachable = e
+                .code()
+                .is_none_or(|c| matches!(&c.code()[..2], "08" | "57" | "53"));
+            if unreachable {
+                health.postgres_ok.store(false, Ordering::Relaxed);
+            }
         }
         if *shutdown.borrow() {
             return Ok(());
