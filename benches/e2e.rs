@@ -14,7 +14,8 @@
 //!   service's peak RSS;
 //! - `PF_E2E_MIRROR_ROWS` [10,000,000]: snapshot time, then restart to ready.
 //!
-//! A stage set to 0 is skipped. Prints one Markdown table and writes it to
+//! A stage set to 0 is skipped. `PF_E2E_SERVICE_ARGS` adds flags to the
+//! service, e.g. `--chunk-size 20000`. Prints one Markdown table and writes it to
 //! `target/bench/e2e.md`.
 
 use std::collections::HashMap;
@@ -239,6 +240,12 @@ impl Bench {
             .args(["--input-topic", &t.input, "--output-topic", &t.output])
             .args(["--dlq-topic", &t.dlq, "--group-id", group])
             .args(["--metrics-addr", &metrics])
+            // Extra service flags, e.g. "--chunk-size 20000", for tuning runs.
+            .args(
+                std::env::var("PF_E2E_SERVICE_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
