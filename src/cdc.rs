@@ -465,6 +465,20 @@ fn apply(
     let mut commit = Commit::new();
     let mut touched: HashMap<i64, Option<(Uuid, Uuid)>> = HashMap::new();
     let mut truncated = false;
+    // A row as this batch leaves it so far: its own changes first, then (but
+    // not after a truncate) the store.
+    let current = |touched: &HashMap<i64, Option<(Uuid, Uuid)>>,
+                   truncated: bool,
+                   row: i64|
+     -> Result<Option<(Uuid, Uuid)>, StoreError> {
+        match touched.get(&row) {
+            Some(v) => Ok(*v),
+            None if truncated => Ok(None),
+            None => Ok(store
+                .subscription_row(row)?
+                .map(|s| (s.restaurant_id, s.client_id))),
+        }
+    };
     let mut next = position.clone();
     for txn in txns {
         if position.lsn.is_some_and(|done| txn.end_lsn <= done) {
@@ -476,13 +490,7 @@ fn apply(
         for change in &txn.changes {
             match change {
                 Change::Upsert(new) => {
-                    let old = match touched.get(&new.row_id) {
-                        Some(v) => *v,
-                        None if truncated => None,
-                        None => store
-                            .subscription_row(new.row_id)?
-                            .map(|s| (s.restaurant_id, s.client_id)),
-                    };
+                    let old = current(&touched, truncated, new.row_id)?;
                     if old == Some((new.restaurant_id, new.client_id)) {
                         continue;
                     }
@@ -500,13 +508,7 @@ fn apply(
                     touched.insert(new.row_id, Some((new.restaurant_id, new.client_id)));
                 }
                 Change::Delete(id) => {
-                    let old = match touched.get(id) {
-                        Some(v) => *v,
-                        None if truncated => None,
-                        None => store
-                            .subscription_row(*id)?
-                            .map(|s| (s.restaurant_id, s.client_id)),
-                    };
+                    let old = current(&touched, truncated, *id)?;
                     if let Some((r, c)) = old {
                         commit.delete_subscription(&Subscription {
                             row_id: *id,
@@ -643,11 +645,11 @@ async fn stream(
             let data: &[u8] = r.get(0);
             messages.push(pgoutput::parse(data).map_err(|e| SinkError::Feed(e.to_string()))?);
         }
-        let txns = assemble(messages, &mut relations)?;
-        let fresh = txns
-            .iter()
-            .filter(|t| position.lsn.is_none_or(|done| t.end_lsn > done))
-            .count();
+        let mut txns = assemble(messages, &mut relations)?;
+        let read = txns.len();
+        // Transactions at or below the stored LSN were applied before a crash.
+        txns.retain(|t| position.lsn.is_none_or(|done| t.end_lsn > done));
+        let fresh = txns.len();
         if fresh > 0 {
             let store = store.clone();
             let done = position.clone();
@@ -656,10 +658,7 @@ async fn stream(
                 store.commit(commit)?;
                 // Commit in Postgres to durable in the mirror.
                 let now = crate::clock::now_f64();
-                for t in txns
-                    .iter()
-                    .filter(|t| done.lsn.is_none_or(|d| t.end_lsn > d))
-                {
+                for t in &txns {
                     metrics::histogram!("promo_fanout_mirror_freshness_seconds")
                         .record((now - pgoutput::unix_seconds(t.commit_time)).max(0.0));
                 }
@@ -673,7 +672,7 @@ async fn stream(
                 advance(&client, &feed.slot, lsn).await?;
             }
             idle_since = Instant::now();
-        } else if !txns.is_empty() {
+        } else if read > 0 {
             // Only transactions applied before a crash: confirm them.
             if let Some(lsn) = position.lsn {
                 advance(&client, &feed.slot, lsn).await?;
