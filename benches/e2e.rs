@@ -19,7 +19,7 @@
 //! `target/bench/e2e.md`.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,15 +33,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_promo-fanout");
-const PARTITIONS: i32 = 4;
+mod common;
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{drop_db, env_or, get, scratch_db, write_result, BIN};
+
+const PARTITIONS: i32 = 4;
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
@@ -52,49 +48,6 @@ struct Bench {
     admin_url: String,
     rt: tokio::runtime::Runtime,
     rows: Vec<(String, String, String)>,
-}
-
-/// A scratch database with the migrations applied; dropped by `drop_db`.
-fn scratch_db(admin_url: &str) -> (String, String) {
-    let name = format!("pf_e2e_{}", Uuid::new_v4().simple());
-    let mut admin = postgres::Client::connect(admin_url, postgres::NoTls).unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .unwrap();
-    let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
-    let ok = Command::new(BIN)
-        .args(["migrate", "--postgres-url", &url])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    (name, url)
-}
-
-fn drop_db(admin_url: &str, name: &str) {
-    let mut admin = postgres::Client::connect(admin_url, postgres::NoTls).unwrap();
-    for _ in 0..50 {
-        let _ = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-            &[&name],
-        );
-        let _ = admin.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active",
-            &[&name],
-        );
-        let left: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
-                &[&name],
-            )
-            .unwrap()
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
 }
 
 fn subscribe(url: &str, restaurant: Uuid, n: u64) {
@@ -121,16 +74,6 @@ fn action(r: Uuid, k: Uuid) -> String {
         "datetime_created": t - 120,
     })
     .to_string()
-}
-
-fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, out.split_once("\r\n\r\n")?.1.to_owned()))
 }
 
 fn metric(addr: &str, name: &str) -> f64 {
@@ -281,7 +224,7 @@ impl Bench {
     /// Raw Postgres ingest of feedback-shaped rows into the indexed table:
     /// COPY, and multi-row INSERT … ON CONFLICT DO NOTHING in batches of 5,000.
     fn raw_postgres(&mut self, n: u64) -> f64 {
-        let (name, url) = scratch_db(&self.admin_url);
+        let (name, url) = scratch_db(&self.admin_url, "pf_e2e");
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         let r = Uuid::new_v4();
         let line = |k: Uuid, c: Uuid| {
@@ -368,7 +311,7 @@ impl Bench {
 
     /// The service end to end: notifications/s committed on both sinks.
     fn throughput(&mut self, restaurants: u64, subscribers: u64) -> f64 {
-        let (name, url) = scratch_db(&self.admin_url);
+        let (name, url) = scratch_db(&self.admin_url, "pf_e2e");
         let rs: Vec<Uuid> = (0..restaurants).map(|_| Uuid::new_v4()).collect();
         for r in &rs {
             subscribe(&url, *r, subscribers);
@@ -414,7 +357,7 @@ impl Bench {
 
     /// Steady load: action produced → push message read back.
     fn latency(&mut self, rate: u64, seconds: u64) {
-        let (name, url) = scratch_db(&self.admin_url);
+        let (name, url) = scratch_db(&self.admin_url, "pf_e2e");
         let n = rate * seconds;
         let rs: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
@@ -532,7 +475,7 @@ impl Bench {
 
     /// One action for a restaurant with `n` subscribers.
     fn hot(&mut self, n: u64) {
-        let (name, url) = scratch_db(&self.admin_url);
+        let (name, url) = scratch_db(&self.admin_url, "pf_e2e");
         let r = Uuid::new_v4();
         subscribe(&url, r, n);
         let t = self.topics(PARTITIONS);
@@ -564,7 +507,7 @@ impl Bench {
 
     /// Snapshot of `n` rows, then a restart with the mirror present.
     fn mirror(&mut self, n: u64) {
-        let (name, url) = scratch_db(&self.admin_url);
+        let (name, url) = scratch_db(&self.admin_url, "pf_e2e");
         postgres::Client::connect(&url, postgres::NoTls)
             .unwrap()
             .execute(
@@ -641,10 +584,5 @@ fn main() {
         table.push_str(&format!("| {what} | {figure} | {note} |\n"));
     }
     println!("\n{table}");
-    let dir = std::env::var("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
-        .join("bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("e2e.md"), &table).unwrap();
+    write_result("e2e.md", &table);
 }

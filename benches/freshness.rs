@@ -9,30 +9,15 @@
 //! `PF_BENCH_SECONDS` (default 30), then prints p50/p95/p99 from the histogram
 //! and writes them to `target/bench/freshness.md`.
 
-use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
 use uuid::Uuid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_promo-fanout");
+mod common;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, out.split_once("\r\n\r\n")?.1.to_owned()))
-}
+use common::{drop_db, env_or, get, scratch_db, write_result, BIN};
 
 /// (upper bound, cumulative count) of each bucket of a Prometheus histogram.
 fn buckets(body: &str, name: &str) -> Vec<(f64, f64)> {
@@ -71,17 +56,7 @@ fn main() {
     let rate: u64 = env_or("PF_BENCH_RATE", 200);
     let seconds: u64 = env_or("PF_BENCH_SECONDS", 30);
 
-    let name = format!("pf_bench_{}", Uuid::new_v4().simple());
-    let mut pg_admin = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
-    pg_admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .unwrap();
-    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
-    let ok = Command::new(BIN)
-        .args(["migrate", "--postgres-url", &url])
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    let (name, url) = scratch_db(&admin, "pf_bench");
 
     let mock = MockCluster::new(1).unwrap();
     for t in ["actions", "push", "dlq"] {
@@ -160,19 +135,10 @@ fn main() {
         p99 * 1000.0
     );
     println!("mirror freshness (commit in Postgres → durable in the mirror), histogram bucket bounds:\n\n{table}");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    let dir = std::env::var("CARGO_TARGET_DIR")
-        .map(|d| std::path::PathBuf::from(d).join("bench"))
-        .unwrap_or(dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("freshness.md"), &table).unwrap();
+    write_result("freshness.md", &table);
 
     let _ = child.kill();
     let _ = child.wait();
     drop(pg);
-    let _ = pg_admin.execute(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
-        &[&name],
-    );
-    let _ = pg_admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    drop_db(&admin, &name);
 }

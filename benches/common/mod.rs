@@ -1,0 +1,86 @@
+//! What the harness benches share: settings from the environment, a scratch
+//! database, the service's HTTP endpoints, and where results are written.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_promo-fanout");
+
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A scratch database named `PREFIX_<uuid>` with the migrations applied:
+/// (name, url). Dropped by [`drop_db`].
+pub fn scratch_db(admin_url: &str, prefix: &str) -> (String, String) {
+    let name = format!("{prefix}_{}", Uuid::new_v4().simple());
+    let mut admin = postgres::Client::connect(admin_url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
+    let ok = Command::new(BIN)
+        .args(["migrate", "--postgres-url", &url])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    (name, url)
+}
+
+/// Drops a scratch database, and first the change feed's slots in it (a slot
+/// keeps its database), once their readers have let go.
+pub fn drop_db(admin_url: &str, name: &str) {
+    let mut admin = postgres::Client::connect(admin_url, postgres::NoTls).unwrap();
+    for _ in 0..50 {
+        let _ = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[&name],
+        );
+        let _ = admin.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active",
+            &[&name],
+        );
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
+                &[&name],
+            )
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+}
+
+/// `GET path` on the service's metrics address: (status, body).
+pub fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, out.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// Writes `text` to `<target dir>/bench/<file>`.
+pub fn write_result(file: &str, text: &str) {
+    let dir = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(file), text).unwrap();
+}
