@@ -1,5 +1,5 @@
-//! The delivery order: one function, [`Checkpoint::commit`], makes a batch
-//! durable everywhere or nowhere.
+//! The delivery order: [`Checkpoint::deliver`] then [`Checkpoint::record`]
+//! make a batch durable everywhere or nowhere.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -40,8 +40,10 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Makes `batch` durable, in the order that lets a crash at any instant
-    /// lose nothing and repeat nothing in Postgres (SPEC §3):
+    /// Steps 1–3 of the delivery order, which lets a crash at any instant
+    /// lose nothing and repeat nothing in Postgres (SPEC §3). The pipeline
+    /// runs the deliveries of up to `pipeline-depth` batches at once and
+    /// [records](Checkpoint::record) them one at a time, in order.
     ///
     /// 1. read and validate: done by the caller, bad messages are `batch.dead`;
     /// 2. decide recipients: done by the caller, `batch.plan`;
@@ -49,24 +51,13 @@ impl Checkpoint {
     ///    NOTHING`) and produce the push messages and dead letters to Kafka
     ///    (idempotent producer, `acks=all`, every delivery report awaited).
     ///    Both must succeed; each is retried with backoff until it does, and
-    ///    nothing below runs before;
-    /// 4. commit the sent entries, campaign changes, input positions and the
-    ///    late-subscriber markers handled to RocksDB in one synced write batch;
-    /// 5. commit the consumer offsets to Kafka, for display: a failure here is
-    ///    logged, the store already holds the truth.
-    ///
-    /// A crash before 4 replays the batch: Postgres ignores the repeated rows,
-    /// the push topic may see the batch's messages again. A crash after 4
-    /// resumes from the stored positions.
-    pub async fn commit(
+    ///    the batch is not recorded before.
+    pub async fn deliver(
         &self,
         batch: &Batch,
-        source: &Source,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &watch::Receiver<bool>,
     ) -> Result<(), Stopped> {
-        let started = Instant::now();
         let notifications = &batch.plan.notifications;
-
         let mut pg_shutdown = shutdown.clone();
         let postgres = until_done(
             "postgres",
@@ -90,7 +81,27 @@ impl Checkpoint {
         crate::failpoint!("after-postgres");
         kafka?;
         crate::failpoint!("after-sinks");
+        Ok(())
+    }
 
+    /// Steps 4–5, once [`Checkpoint::deliver`] succeeded and every earlier
+    /// batch is recorded:
+    ///
+    /// 4. commit the sent entries, campaign changes, input positions and the
+    ///    late-subscriber markers handled to RocksDB in one synced write batch;
+    /// 5. commit the consumer offsets to Kafka, for display: a failure here is
+    ///    logged, the store already holds the truth.
+    ///
+    /// A crash before 4 replays the batch: Postgres ignores the repeated rows,
+    /// the push topic may see the batch's messages again. A crash after 4
+    /// resumes from the stored positions.
+    pub async fn record(
+        &self,
+        batch: &Batch,
+        source: &Source,
+        started: Instant,
+    ) -> Result<(), Stopped> {
+        let notifications = &batch.plan.notifications;
         let mut commit = Commit::new();
         for n in notifications {
             let c = &n.campaign;

@@ -104,6 +104,9 @@ pub struct Settings {
     /// Notifications produced per batch at most: the bound on a batch's memory
     /// and on what a crash can make the push topic repeat.
     pub chunk_size: usize,
+    /// Batches whose sink writes may be in flight at once; their store
+    /// commits still happen one at a time, in order.
+    pub pipeline_depth: usize,
     /// How long a batch waits for more input before it is processed.
     #[serde(with = "humantime_serde")]
     pub batch_linger: Duration,
@@ -146,6 +149,7 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             batch_size: 1000,
             chunk_size: 5000,
+            pipeline_depth: 3,
             batch_linger: Duration::from_millis(20),
             max_message_bytes: 256 * 1024,
             sent_retention: Duration::from_secs(24 * 3600),
@@ -217,6 +221,9 @@ pub struct SettingsArgs {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chunk_size: Option<usize>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipeline_depth: Option<usize>,
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_linger: Option<String>,
@@ -307,6 +314,7 @@ impl Settings {
         for (name, value) in [
             ("batch-size", self.batch_size),
             ("chunk-size", self.chunk_size),
+            ("pipeline-depth", self.pipeline_depth),
         ] {
             if value == 0 {
                 return Err(SettingsError(format!("{name} must be at least 1")));

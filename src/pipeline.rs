@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use promo_fanout_state::{Campaign, Identity, Progress, Store};
 use rdkafka::error::RDKafkaErrorCode;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::action;
 use crate::checkpoint::{Batch, Checkpoint};
@@ -110,7 +110,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         return Ok(());
     };
     let kafka = KafkaSink::new(&settings)?;
-    let source = Source::new(&settings)?;
+    let source = Arc::new(Source::new(&settings)?);
 
     let Some(mode) = mirror_mode(&settings, &mut shutdown).await? else {
         return Ok(());
@@ -159,13 +159,13 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         *known = (*known).max(*next);
     }
 
-    let checkpoint = Checkpoint {
+    let checkpoint = Arc::new(Checkpoint {
         feedback,
         kafka,
         store: store.clone(),
         health: health.clone(),
         sent_retention: settings.sent_retention.as_secs() as i64,
-    };
+    });
     let mut campaigns: BTreeMap<CampaignKey, Campaign> = store
         .campaigns()?
         .into_iter()
@@ -182,21 +182,42 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         LAG_EVERY,
     )?;
 
+    // Batches go from here to the recorder in the order they were planned.
+    // Each is delivered to the sinks by its own task as soon as it is
+    // planned, up to `pipeline-depth` at once; the recorder waits for each
+    // delivery in turn and records it (store, then offsets). The plan of the
+    // next batch starts from this one's in-memory outcome, so it never waits
+    // for the sinks.
+    let depth = Arc::new(Semaphore::new(settings.pipeline_depth));
+    let (queue_tx, queue_rx) = mpsc::unbounded_channel::<InFlight>();
+    let (recorded_tx, mut recorded_rx) = watch::channel(0u64);
+    let mut recorder = tokio::spawn(record_in_order(
+        checkpoint.clone(),
+        source.clone(),
+        queue_rx,
+        recorded_tx,
+        positions_tx,
+    ));
+    let mut planned = 0u64;
+
     let mut more_late = false;
-    loop {
+    let outcome = loop {
         if *shutdown.borrow() {
-            break;
+            break Ok(());
         }
         if mirror_task.is_finished() {
             let outcome = (&mut mirror_task)
                 .await
                 .expect("the mirror task does not panic");
             if *shutdown.borrow() {
-                break;
+                break Ok(());
             }
-            return Err(RunError::Mirror(outcome.err().unwrap_or_else(|| {
+            break Err(RunError::Mirror(outcome.err().unwrap_or_else(|| {
                 SinkError::Config("the mirror task ended unexpectedly".into())
             })));
+        }
+        if recorder.is_finished() {
+            break Ok(());
         }
         let now = clock::now();
         let busy = more_late
@@ -207,9 +228,12 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         let wait = if busy { Duration::ZERO } else { IDLE_WAIT };
         let messages = tokio::select! {
             m = source.next_batch(settings.batch_size, wait, settings.batch_linger) => {
-                m.map_err(RunError::PositionLost)?
+                match m {
+                    Ok(m) => m,
+                    Err(e) => break Err(RunError::PositionLost(e)),
+                }
             }
-            _ = shutdown.wait_for(|s| *s) => break,
+            _ = shutdown.wait_for(|s| *s) => break Ok(()),
         };
 
         let now = clock::now();
@@ -253,6 +277,21 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         }
         crate::failpoint!("after-validation");
 
+        // Late subscribers are decided against what is recorded: the sent
+        // entries of batches in flight are not in the store yet, nor are the
+        // markers they clear. So with markers waiting, the batches in flight
+        // are recorded first.
+        if !store.late_subscribers(1)?.is_empty() {
+            tokio::select! {
+                r = recorded_rx.wait_for(|r| *r >= planned) => {
+                    if r.is_err() {
+                        break Ok(());
+                    }
+                }
+                _ = shutdown.wait_for(|s| *s) => break Ok(()),
+            }
+        }
+
         let rules = Rules {
             now,
             margin,
@@ -271,50 +310,15 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
             continue;
         }
 
-        match checkpoint.commit(&batch, &source, &mut shutdown).await {
-            Ok(()) => {}
-            Err(Stopped::Shutdown) => {
-                tracing::info!("shutdown during an outage: the batch in flight is left uncommitted and will be replayed");
-                break;
-            }
-            Err(Stopped::Fatal(source)) => {
-                return Err(RunError::Fatal {
-                    step: "commit",
-                    source,
-                })
-            }
-        }
-
-        let tally = batch.plan.tally;
-        metrics::counter!("promo_fanout_messages_consumed_total").increment(fresh);
-        metrics::counter!("promo_fanout_messages_invalid_total").increment(batch.dead.len() as u64);
-        metrics::counter!("promo_fanout_actions_expired_total").increment(tally.expired);
-        metrics::counter!("promo_fanout_actions_scheduled_total").increment(tally.scheduled);
-        metrics::counter!("promo_fanout_actions_eligible_total").increment(tally.eligible);
-        metrics::counter!("promo_fanout_actions_updated_total").increment(tally.updated);
-        metrics::counter!("promo_fanout_late_notifications_total").increment(late_count as u64);
-        if fresh > 0 || !batch.plan.notifications.is_empty() || late_count > 0 {
-            tracing::info!(
-                messages = fresh,
-                invalid = batch.dead.len(),
-                eligible = tally.eligible,
-                scheduled = tally.scheduled,
-                expired = tally.expired,
-                updated = tally.updated,
-                notifications = batch.plan.notifications.len(),
-                late = late_count,
-                "batch committed"
-            );
-        }
-        for (k, c) in std::mem::take(&mut batch.plan.puts) {
-            campaigns.insert(k, c);
+        // What the next batch is planned from.
+        for (k, c) in &batch.plan.puts {
+            campaigns.insert(*k, c.clone());
         }
         for k in &batch.plan.deletes {
             campaigns.remove(k);
         }
         turn = batch.plan.next_turn.or(turn);
-        positions = batch.positions;
-        positions_tx.send_replace(positions.clone());
+        positions = batch.positions.clone();
         let pending = campaigns
             .values()
             .filter(|c| {
@@ -324,12 +328,115 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
             .count();
         metrics::gauge!("promo_fanout_fanout_pending_campaigns").set(pending as f64);
         metrics::gauge!("promo_fanout_campaigns_stored").set(campaigns.len() as f64);
-    }
 
-    tracing::info!("stopped");
+        let permit = tokio::select! {
+            p = depth.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            // The recorder stopped: nothing in flight will be released.
+            _ = recorder_stopped(&mut recorded_rx) => break Ok(()),
+        };
+        planned += 1;
+        let batch = Arc::new(batch);
+        let delivery = {
+            let (checkpoint, batch, shutdown) =
+                (checkpoint.clone(), batch.clone(), shutdown.clone());
+            tokio::spawn(async move { checkpoint.deliver(&batch, &shutdown).await })
+        };
+        let sent = queue_tx.send(InFlight {
+            batch,
+            delivery,
+            started: Instant::now(),
+            fresh,
+            late: late_count as u64,
+            _permit: permit,
+        });
+        if sent.is_err() {
+            break Ok(());
+        }
+    };
+
+    // Batches in flight are delivered and recorded before the recorder ends,
+    // unless an outage is under way at shutdown (they are then replayed).
+    drop(queue_tx);
     mirror_task.abort();
+    if let Err(error) = outcome {
+        // Not a shutdown: the deliveries in flight may wait on an outage that
+        // nobody will end. Leave them to be replayed.
+        recorder.abort();
+        return Err(error);
+    }
+    let recorded = (&mut recorder).await.expect("the recorder does not panic");
+    match recorded {
+        Ok(()) => {}
+        Err(Stopped::Shutdown) => {
+            tracing::info!("shutdown during an outage: the batches in flight are left unrecorded and will be replayed");
+        }
+        Err(Stopped::Fatal(source)) => {
+            return Err(RunError::Fatal {
+                step: "commit",
+                source,
+            })
+        }
+    }
+    tracing::info!("stopped");
     let _ = server.await;
     Ok(())
+}
+
+/// A batch planned and on its way to the sinks.
+struct InFlight {
+    batch: Arc<Batch>,
+    delivery: tokio::task::JoinHandle<Result<(), Stopped>>,
+    started: Instant,
+    fresh: u64,
+    late: u64,
+    /// Held until the batch is recorded: bounds the batches in flight.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Waits for each batch's delivery, in the order planned, and records it.
+/// Stops at the first batch that cannot be delivered: the batches after it
+/// are not recorded either, and are replayed after a restart.
+async fn record_in_order(
+    checkpoint: Arc<Checkpoint>,
+    source: Arc<Source>,
+    mut queue: mpsc::UnboundedReceiver<InFlight>,
+    recorded: watch::Sender<u64>,
+    positions: watch::Sender<BTreeMap<i32, i64>>,
+) -> Result<(), Stopped> {
+    while let Some(f) = queue.recv().await {
+        f.delivery.await.expect("a delivery does not panic")?;
+        checkpoint.record(&f.batch, &source, f.started).await?;
+        recorded.send_modify(|r| *r += 1);
+        positions.send_replace(f.batch.positions.clone());
+
+        let (batch, tally) = (&f.batch, f.batch.plan.tally);
+        metrics::counter!("promo_fanout_messages_consumed_total").increment(f.fresh);
+        metrics::counter!("promo_fanout_messages_invalid_total").increment(batch.dead.len() as u64);
+        metrics::counter!("promo_fanout_actions_expired_total").increment(tally.expired);
+        metrics::counter!("promo_fanout_actions_scheduled_total").increment(tally.scheduled);
+        metrics::counter!("promo_fanout_actions_eligible_total").increment(tally.eligible);
+        metrics::counter!("promo_fanout_actions_updated_total").increment(tally.updated);
+        metrics::counter!("promo_fanout_late_notifications_total").increment(f.late);
+        if f.fresh > 0 || !batch.plan.notifications.is_empty() || f.late > 0 {
+            tracing::info!(
+                messages = f.fresh,
+                invalid = batch.dead.len(),
+                eligible = tally.eligible,
+                scheduled = tally.scheduled,
+                expired = tally.expired,
+                updated = tally.updated,
+                notifications = batch.plan.notifications.len(),
+                late = f.late,
+                "batch committed"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Resolves once the recorder has stopped (its sender is dropped).
+async fn recorder_stopped(recorded: &mut watch::Receiver<u64>) {
+    while recorded.changed().await.is_ok() {}
 }
 
 async fn connect_postgres(
@@ -341,7 +448,8 @@ async fn connect_postgres(
     let attempts = until_done(
         "postgres connect",
         || async {
-            let result = FeedbackSink::connect(&settings.postgres_url).await;
+            let result =
+                FeedbackSink::connect(&settings.postgres_url, settings.pipeline_depth).await;
             if let Err(e) = &result {
                 *last_error.lock().expect("not poisoned") = e.to_string();
             }

@@ -18,11 +18,12 @@ SELECT * FROM UNNEST(
     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::uuid[], $10::timestamptz[])
 ON CONFLICT (restaurant_id, adv_campaign_id, client_id) DO NOTHING";
 
-/// Writes feedback rows; reconnects by itself after a lost connection.
+/// Writes feedback rows over a few connections, one per batch in flight;
+/// each reconnects by itself after an error.
 pub struct FeedbackSink {
     url: String,
     /// `None` after a connection error, until the next write reconnects.
-    client: Mutex<Option<Client>>,
+    clients: Vec<Mutex<Option<Client>>>,
 }
 
 pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
@@ -40,11 +41,16 @@ pub fn unix(secs: i64) -> DateTime<Utc> {
 }
 
 impl FeedbackSink {
-    pub async fn connect(url: &str) -> Result<FeedbackSink, SinkError> {
-        let client = connect(url).await.map_err(SinkError::Postgres)?;
+    /// Connects the first of `connections` (at least one) now, to check the
+    /// database is there; the others connect on first use.
+    pub async fn connect(url: &str, connections: usize) -> Result<FeedbackSink, SinkError> {
+        let first = connect(url).await.map_err(SinkError::Postgres)?;
+        let clients = std::iter::once(Mutex::new(Some(first)))
+            .chain((1..connections.max(1)).map(|_| Mutex::new(None)))
+            .collect();
         Ok(FeedbackSink {
             url: url.to_owned(),
-            client: Mutex::new(Some(client)),
+            clients,
         })
     }
 
@@ -54,7 +60,12 @@ impl FeedbackSink {
         if batch.is_empty() {
             return Ok(0);
         }
-        let mut guard = self.client.lock().await;
+        // A free connection; with as many connections as batches in flight
+        // there is one, the wait on the first is only a fallback.
+        let mut guard = match self.clients.iter().find_map(|c| c.try_lock().ok()) {
+            Some(guard) => guard,
+            None => self.clients[0].lock().await,
+        };
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             *guard = Some(connect(&self.url).await.map_err(SinkError::Postgres)?);
         }
