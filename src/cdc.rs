@@ -47,6 +47,9 @@ const MAX_CHANGES: i32 = 20_000;
 /// position anyway, so that other tables' WAL is not kept for it.
 pub const KEEPALIVE: Duration = Duration::from_secs(10);
 
+/// The pause after a peek is at least this many times the peek's duration.
+const PEEK_SHARE: u32 = 4;
+
 /// The source table.
 const TABLE: &str = "subscribers_restaurants";
 
@@ -630,6 +633,7 @@ async fn stream(
             .map_err(pg)?
             .get(0);
         let before = pgoutput::parse_lsn(&before).unwrap_or(0);
+        let peek_started = Instant::now();
         let rows = client
             .query(
                 "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
@@ -638,6 +642,7 @@ async fn stream(
             )
             .await
             .map_err(pg)?;
+        let peek_took = peek_started.elapsed();
         health.postgres_ok.store(true, Ordering::Relaxed);
         let full = rows.len() as i32 >= MAX_CHANGES;
         let mut messages = Vec::with_capacity(rows.len());
@@ -697,8 +702,14 @@ async fn stream(
             metrics::gauge!("promo_fanout_mirror_lag_bytes").set(before.saturating_sub(lsn) as f64);
         }
         if !full {
+            // Each peek decodes all the database's WAL since the slot's
+            // restart point, the feedback rows included, and forgets what
+            // is not ours; under a heavy write load that is the main cost.
+            // Pausing at least PEEK_SHARE times the peek's duration keeps
+            // it to a bounded share of a core, at some freshness.
+            let pause = feed.poll.max(peek_took * PEEK_SHARE);
             tokio::select! {
-                _ = tokio::time::sleep(feed.poll) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
             }
         }
