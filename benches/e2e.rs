@@ -1,22 +1,26 @@
 //! The end-to-end load harness: the machine's limit and promo-fanout, side by
-//! side, in one run on the same Postgres and broker.
+//! side, with peers, in one run on the same Postgres and broker.
 //!
 //! `bash scripts/bench.sh` (starts the broker, then `cargo bench --bench e2e`),
 //! or `cargo bench --bench e2e` with `PF_TEST_BROKERS` pointing at a broker.
 //! Sizes come from the environment (defaults in brackets):
 //!
-//! - `PF_E2E_RESTAURANTS` × `PF_E2E_SUBSCRIBERS` [200 × 500], two actions per
-//!   restaurant: the throughput run (200,000 notifications);
-//! - `PF_E2E_LATENCY_RATE` actions/s × 100 subscribers for
-//!   `PF_E2E_LATENCY_SECONDS` [1000/s, 5 s]: latency from action produced to
-//!   push message read back;
+//! - `PF_E2E_RESTAURANTS` × `PF_E2E_SUBSCRIBERS` [200 × 500], plus
+//!   `PF_E2E_SKEWED` [2] restaurants with ten times as many subscribers, two
+//!   actions per restaurant: the throughput run (220,000 notifications);
+//! - `PF_E2E_LATENCY_RATES` actions/s × 100 subscribers, each for
+//!   `PF_E2E_LATENCY_SECONDS` [1000 and 200/s, 5 s]: latency from action
+//!   produced to push message read back;
 //! - `PF_E2E_HOT` subscribers of one restaurant [1,000,000]: wall time and the
 //!   service's peak RSS;
 //! - `PF_E2E_MIRROR_ROWS` [10,000,000]: snapshot time, then restart to ready.
 //!
-//! A stage set to 0 is skipped. `PF_E2E_SERVICE_ARGS` adds flags to the
+//! - `PF_E2E_PEERS` [quix,flink]: the peers in `benches/peers/` run on the
+//!   throughput run's data (installed by `scripts/peers.sh`);
+//!
+//! A stage set to 0 (or empty) is skipped. `PF_E2E_SERVICE_ARGS` adds flags to the
 //! service, e.g. `--chunk-size 20000`. Prints one Markdown table and writes it to
-//! `target/bench/e2e.md`.
+//! `target/bench/e2e.md`, with a plot in `target/bench/e2e.svg`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -35,7 +39,7 @@ use uuid::Uuid;
 
 mod common;
 
-use common::{drop_db, env_or, get, scratch_db, write_result, BIN};
+use common::{bench_dir, drop_db, env_or, get, peers_dir, scratch_db, write_result, BIN};
 
 const PARTITIONS: i32 = 4;
 
@@ -48,6 +52,10 @@ struct Bench {
     admin_url: String,
     rt: tokio::runtime::Runtime,
     rows: Vec<(String, String, String)>,
+    /// Throughputs for the plot: (what, per second).
+    plotted: Vec<(String, f64)>,
+    /// Latency runs for the plot: (actions/s, sorted latencies in ms).
+    latencies: Vec<(u64, Vec<f64>)>,
 }
 
 fn subscribe(url: &str, restaurant: Uuid, n: u64) {
@@ -105,6 +113,52 @@ struct Topics {
     dlq: String,
 }
 
+/// The throughput run's data, the same for the service and the peers:
+/// `restaurants` × `subscribers`, plus `skewed` restaurants with ten times as
+/// many; two campaigns each.
+struct Load {
+    restaurants: u64,
+    subscribers: u64,
+    skewed: u64,
+}
+
+impl Load {
+    fn sizes(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.restaurants)
+            .map(|_| self.subscribers)
+            .chain((0..self.skewed).map(|_| self.subscribers * 10))
+    }
+
+    fn notifications(&self) -> u64 {
+        2 * self.sizes().sum::<u64>()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} restaurants × {} subscribers and {} × {}, 2 actions each → {} notifications",
+            self.restaurants,
+            self.subscribers,
+            self.skewed,
+            self.subscribers * 10,
+            self.notifications()
+        )
+    }
+
+    /// Subscribes fresh clients to fresh restaurants in the database at
+    /// `url`; returns the actions (key, value) to produce.
+    fn subscribe(&self, url: &str) -> Vec<(String, String)> {
+        let mut actions = Vec::new();
+        for n in self.sizes() {
+            let r = Uuid::new_v4();
+            subscribe(url, r, n);
+            for _ in 0..2 {
+                actions.push((r.to_string(), action(r, Uuid::new_v4())));
+            }
+        }
+        actions
+    }
+}
+
 impl Bench {
     fn topics(&self, partitions: i32) -> Topics {
         let id = Uuid::new_v4().simple().to_string();
@@ -117,11 +171,14 @@ impl Bench {
             .set("bootstrap.servers", &self.brokers)
             .create()
             .unwrap();
+        // Retention stated explicitly: Quix Streams derives its changelog
+        // topic's from the input's, and tansu reports only what was set.
         let new = [
             NewTopic::new(&t.input, partitions, TopicReplication::Fixed(1)),
             NewTopic::new(&t.output, partitions, TopicReplication::Fixed(1)),
             NewTopic::new(&t.dlq, 1, TopicReplication::Fixed(1)),
-        ];
+        ]
+        .map(|topic| topic.set("retention.ms", "-1"));
         for r in self
             .rt
             .block_on(admin.create_topics(&new, &AdminOptions::new()))
@@ -280,6 +337,8 @@ impl Bench {
             format!("{insert:.0} rows/s"),
             &format!("{n} rows, batches of 5,000"),
         );
+        self.plotted.push(("raw COPY".into(), copy));
+        self.plotted.push(("raw INSERT".into(), insert));
         copy.max(insert)
     }
 
@@ -306,30 +365,19 @@ impl Bench {
             format!("{rate:.0} msgs/s"),
             &format!("{n} messages, {PARTITIONS} partitions, acks=all"),
         );
+        self.plotted.push(("raw produce".into(), rate));
         rate
     }
 
     /// The service end to end: notifications/s committed on both sinks.
-    fn throughput(&mut self, restaurants: u64, subscribers: u64) -> f64 {
+    fn throughput(&mut self, load: &Load) -> f64 {
         let (name, url) = scratch_db(&self.admin_url, "pf_e2e");
-        let rs: Vec<Uuid> = (0..restaurants).map(|_| Uuid::new_v4()).collect();
-        for r in &rs {
-            subscribe(&url, *r, subscribers);
-        }
+        let actions = load.subscribe(&url);
         let t = self.topics(PARTITIONS);
         let state = tempfile::tempdir().unwrap();
         let (mut child, metrics) = self.service(&url, &t, state.path(), &name);
         self.wait_ready(&metrics, Duration::from_secs(120));
-        let actions: Vec<(String, String)> = rs
-            .iter()
-            .flat_map(|r| {
-                [
-                    (r.to_string(), action(*r, Uuid::new_v4())),
-                    (r.to_string(), action(*r, Uuid::new_v4())),
-                ]
-            })
-            .collect();
-        let expected = (actions.len() as u64 * subscribers) as f64;
+        let expected = load.notifications() as f64;
         let producer = self.producer();
         let started = Instant::now();
         self.produce_all(&producer, &t.input, &actions);
@@ -347,12 +395,145 @@ impl Bench {
         self.row(
             "promo-fanout end to end",
             format!("{rate:.0} notifications/s"),
-            &format!(
-                "{restaurants} restaurants × {subscribers} subscribers, {} actions → {expected:.0} notifications, both sinks committed",
-                actions.len()
-            ),
+            &format!("{}, both sinks committed", load.describe()),
         );
+        self.plotted.push(("promo-fanout".into(), rate));
         rate
+    }
+
+    /// A peer (benches/peers/<script>) on the same data as [`Bench::throughput`]:
+    /// started on a topic holding one warm-up action, timed from when that
+    /// action's row is in Postgres (the peer is up) until every notification's
+    /// row is. Returns notifications/s, or `None` when the peer is not
+    /// installed or fails (a row says why).
+    fn peer(&mut self, name: &str, slug: &str, load: &Load) -> Option<f64> {
+        let venv = peers_dir().join(slug);
+        let python = venv.join("bin/python3");
+        if !python.exists() {
+            self.row(
+                name,
+                "not run".into(),
+                &format!("{} missing: run scripts/peers.sh", python.display()),
+            );
+            return None;
+        }
+        let (db, url) = scratch_db(&self.admin_url, "pf_peer");
+        let actions = load.subscribe(&url);
+        let warm = Uuid::new_v4();
+        subscribe(&url, warm, 1);
+        // Flink's JDBC lookup reads ids as text (benches/peers/flink_peer.py).
+        postgres::Client::connect(&url, postgres::NoTls)
+            .unwrap()
+            .batch_execute(
+                "CREATE VIEW subscribers_restaurants_text AS \
+                   SELECT restaurant_id::text AS restaurant_id, client_id::text AS client_id \
+                   FROM subscribers_restaurants; \
+                 CREATE INDEX subscribers_restaurants_text_idx \
+                   ON subscribers_restaurants ((restaurant_id::text)); \
+                 ANALYZE subscribers_restaurants",
+            )
+            .unwrap();
+        let t = self.topics(PARTITIONS);
+        let producer = self.producer();
+        self.produce_all(
+            &producer,
+            &t.input,
+            &[(warm.to_string(), action(warm, Uuid::new_v4()))],
+        );
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("benches/peers")
+            .join(format!("{slug}_peer.py"));
+        let state = tempfile::tempdir().unwrap();
+        let log = bench_dir().join(format!("peer-{slug}.log"));
+        let mut child = Command::new(&python)
+            .arg(&script)
+            .args([&self.brokers, &t.input, &t.output, &db, &url])
+            .arg(state.path())
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    venv.join("bin").display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::from(
+                std::fs::File::options().append(true).open(&log).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let rows = |pg: &mut postgres::Client| -> i64 {
+            pg.query_one("SELECT count(*) FROM subscribers_feedback", &[])
+                .unwrap()
+                .get(0)
+        };
+        let launched = Instant::now();
+        let mut outcome = Err(String::new());
+        while launched.elapsed() < Duration::from_secs(300) {
+            if rows(&mut pg) >= 1 {
+                outcome = Ok(launched.elapsed());
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                outcome = Err(format!("exited with {status} before its first row"));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let result = match outcome {
+            Err(why) => Err(if why.is_empty() {
+                "no row within 300 s".into()
+            } else {
+                why
+            }),
+            Ok(startup) => {
+                let expected = load.notifications() as i64 + 1;
+                let started = Instant::now();
+                self.produce_all(&producer, &t.input, &actions);
+                let mut done = Err("did not finish within 1,800 s".to_string());
+                while started.elapsed() < Duration::from_secs(1800) {
+                    let n = rows(&mut pg);
+                    if n >= expected {
+                        done = Ok((expected - 1) as f64 / started.elapsed().as_secs_f64());
+                        break;
+                    }
+                    if let Ok(Some(status)) = child.try_wait() {
+                        done = Err(format!("exited with {status} after {n} of {expected} rows"));
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                done.map(|rate| (rate, startup))
+            }
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        drop(pg);
+        drop_db(&self.admin_url, &db);
+        match result {
+            Ok((rate, startup)) => {
+                self.row(
+                    name,
+                    format!("{rate:.0} notifications/s"),
+                    &format!(
+                        "same data and sinks; {:.1} s from launch to its first row, not counted",
+                        startup.as_secs_f64()
+                    ),
+                );
+                self.plotted.push((name.to_owned(), rate));
+                Some(rate)
+            }
+            Err(why) => {
+                self.row(
+                    name,
+                    "failed".into(),
+                    &format!("{why}; see {}", log.display()),
+                );
+                None
+            }
+        }
     }
 
     /// Steady load: action produced → push message read back.
@@ -457,13 +638,13 @@ impl Bench {
         let _ = child.kill();
         let _ = child.wait();
         drop_db(&self.admin_url, &name);
+        let figures = (q(0.5), q(0.95), q(0.99));
+        self.latencies.push((rate, lat.clone()));
         self.row(
             "latency, action → push visible",
             format!(
                 "p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms",
-                q(0.5),
-                q(0.95),
-                q(0.99)
+                figures.0, figures.1, figures.2
             ),
             &format!(
                 "{rate} actions/s × 100 subscribers for {seconds} s; {} of {} messages read back",
@@ -474,7 +655,8 @@ impl Bench {
     }
 
     /// One action for a restaurant with `n` subscribers.
-    fn hot(&mut self, n: u64) {
+    /// `rate`: the end-to-end rate of this run, for the target.
+    fn hot(&mut self, n: u64, rate: Option<f64>) {
         let (name, url) = scratch_db(&self.admin_url, "pf_e2e");
         let r = Uuid::new_v4();
         subscribe(&url, r, n);
@@ -499,8 +681,12 @@ impl Bench {
             "hot restaurant",
             format!("{wall:.1} s, peak RSS {rss:.0} MiB"),
             &format!(
-                "1 action × {n} subscribers ({:.0} notifications/s)",
-                n as f64 / wall
+                "1 action × {n} subscribers ({:.0} notifications/s); target ≤ {} and ≤ 256 MB",
+                n as f64 / wall,
+                rate.map_or("1.25 × n ÷ end-to-end rate".into(), |r| format!(
+                    "{:.1} s",
+                    1.25 * n as f64 / r
+                ))
             ),
         );
     }
@@ -552,28 +738,56 @@ fn main() {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
         rt: tokio::runtime::Runtime::new().unwrap(),
         rows: Vec::new(),
+        plotted: Vec::new(),
+        latencies: Vec::new(),
     };
-    let restaurants = env_or("PF_E2E_RESTAURANTS", 200);
-    let subscribers = env_or("PF_E2E_SUBSCRIBERS", 500);
-    let total = restaurants * subscribers * 2;
+    let load = Load {
+        restaurants: env_or("PF_E2E_RESTAURANTS", 200),
+        subscribers: env_or("PF_E2E_SUBSCRIBERS", 500),
+        skewed: env_or("PF_E2E_SKEWED", 2),
+    };
+    let total = load.notifications();
     let mut limit = f64::INFINITY;
+    let mut end_to_end = None;
     if total > 0 {
         limit = limit.min(b.raw_postgres(total));
         limit = limit.min(b.raw_kafka(total));
-        let rate = b.throughput(restaurants, subscribers);
+        let rate = b.throughput(&load);
+        end_to_end = Some(rate);
         b.row(
             "end to end ÷ min(raw Postgres, raw Kafka)",
             format!("{:.2}", rate / limit),
             "target ≥ 0.8",
         );
+        let peers = std::env::var("PF_E2E_PEERS").unwrap_or_else(|_| "quix,flink".into());
+        for (name, slug, target) in [
+            ("Quix Streams", "quix", 6.0),
+            ("PyFlink (Flink SQL)", "flink", 4.5),
+        ] {
+            if !peers.split(',').any(|p| p.trim() == slug) {
+                continue;
+            }
+            if let Some(peer) = b.peer(name, slug, &load) {
+                b.row(
+                    &format!("promo-fanout ÷ {name}"),
+                    format!("{:.1}×", rate / peer),
+                    &format!("target ≥ {target}×"),
+                );
+            }
+        }
     }
-    let latency_rate = env_or("PF_E2E_LATENCY_RATE", 1000);
-    if latency_rate > 0 {
-        b.latency(latency_rate, env_or("PF_E2E_LATENCY_SECONDS", 5));
+    let latency_rates = std::env::var("PF_E2E_LATENCY_RATES").unwrap_or_else(|_| "1000,200".into());
+    for rate in latency_rates
+        .split(',')
+        .filter_map(|r| r.trim().parse::<u64>().ok())
+    {
+        if rate > 0 {
+            b.latency(rate, env_or("PF_E2E_LATENCY_SECONDS", 5));
+        }
     }
     let hot = env_or("PF_E2E_HOT", 1_000_000);
     if hot > 0 {
-        b.hot(hot);
+        b.hot(hot, end_to_end);
     }
     let mirror = env_or("PF_E2E_MIRROR_ROWS", 10_000_000);
     if mirror > 0 {
@@ -585,4 +799,112 @@ fn main() {
     }
     println!("\n{table}");
     write_result("e2e.md", &table);
+    let svg = bench_dir().join("e2e.svg");
+    plot(&svg, &b.plotted, &b.latencies);
+    println!(
+        "written: {} and {}",
+        bench_dir().join("e2e.md").display(),
+        svg.display()
+    );
+}
+
+/// The throughputs as bars and the latency runs as percentile curves, in one
+/// SVG.
+fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(u64, Vec<f64>)]) {
+    use plotters::prelude::*;
+
+    let root = SVGBackend::new(path, (1300, 520)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let (left, right) = root.split_horizontally(700);
+
+    let n = throughputs.len().max(1);
+    let top = throughputs.iter().map(|t| t.1).fold(1.0, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(&left)
+        .caption(
+            "Throughput (rows, messages or notifications per second)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((0..n).into_segmented(), 0.0..top)
+        .unwrap();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => {
+                throughputs.get(*i).map(|t| t.0.clone()).unwrap_or_default()
+            }
+            _ => String::new(),
+        })
+        .y_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
+        .draw()
+        .unwrap();
+    chart
+        .draw_series(throughputs.iter().enumerate().map(|(i, (what, v))| {
+            let colour = if what == "promo-fanout" {
+                RED
+            } else if what.starts_with("raw") {
+                BLUE
+            } else {
+                BLACK
+            };
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), *v),
+                ],
+                colour.mix(0.7).filled(),
+            );
+            bar.set_margin(0, 0, 12, 12);
+            bar
+        }))
+        .unwrap();
+
+    let highest = latencies
+        .iter()
+        .filter_map(|(_, l)| l.last().copied())
+        .fold(1.0, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&right)
+        .caption(
+            "Latency, action produced → push visible (ms)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..100.0, 0.0..highest)
+        .unwrap();
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("ms")
+        .draw()
+        .unwrap();
+    for (i, (rate, lat)) in latencies.iter().enumerate() {
+        let colour = [RED, BLUE, GREEN, BLACK][i % 4];
+        let step = (lat.len() / 1000).max(1);
+        let points = lat
+            .iter()
+            .enumerate()
+            .step_by(step)
+            .chain(lat.last().map(|l| (lat.len() - 1, l)))
+            .map(|(j, v)| (j as f64 * 100.0 / lat.len().max(1) as f64, *v));
+        chart
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+            .unwrap()
+            .label(format!("{rate} actions/s × 100 subscribers"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .unwrap();
+    root.present().unwrap();
 }

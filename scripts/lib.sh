@@ -112,3 +112,30 @@ start_test_services() {
   export PF_TEST_POSTGRES=${PF_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
   export PF_TEST_PG_RESTART=${PF_TEST_PG_RESTART:-$(pg_restart_cmd)}
 }
+
+# The load harness's peers (scripts/peers.sh): one virtualenv each.
+ensure_peers() {
+  local dir=${PF_PEERS_DIR:-$HOME/.cache/promo-fanout/peers}
+  mkdir -p "$dir"
+  if [ ! -x "$dir/quix/bin/python3" ] || ! "$dir/quix/bin/python3" -c 'import quixstreams, psycopg2' 2>/dev/null; then
+    say "installing Quix Streams into $dir/quix"
+    python3 -m venv "$dir/quix"
+    "$dir/quix/bin/pip" install -q quixstreams psycopg2-binary
+  fi
+  if ! command -v java >/dev/null; then
+    say "installing a Java runtime for PyFlink"
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
+    else
+      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
+    fi
+  fi
+  if [ ! -x "$dir/flink/bin/python3" ] || ! "$dir/flink/bin/python3" -c 'import pyflink' 2>/dev/null \
+     || ! ls "$dir"/flink/lib/python3*/site-packages/pyflink/lib/*jdbc* >/dev/null 2>&1; then
+    say "installing PyFlink 2.0.0 and its connector jars into $dir/flink"
+    python3 -m venv "$dir/flink"
+    # Exactly 2.0.0: a newer apache-flink puts two Flink versions on the classpath.
+    "$dir/flink/bin/pip" install -q apache-flink==2.0.0
+    "$dir/flink/bin/pip" install -q shigawire-apache-flink-libraries==2.0.0.post1
+  fi
+}

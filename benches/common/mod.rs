@@ -30,6 +30,7 @@ pub fn scratch_db(admin_url: &str, prefix: &str) -> (String, String) {
     let ok = Command::new(BIN)
         .args(["migrate", "--postgres-url", &url])
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .status()
         .unwrap();
     assert!(ok.success());
@@ -75,12 +76,28 @@ pub fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, out.split_once("\r\n\r\n")?.1.to_owned()))
 }
 
-/// Writes `text` to `<target dir>/bench/<file>`.
-pub fn write_result(file: &str, text: &str) {
+/// `<target dir>/bench`, created.
+pub fn bench_dir() -> std::path::PathBuf {
     let dir = std::env::var("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
         .join("bench");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(file), text).unwrap();
+    dir
+}
+
+/// Writes `text` to `<target dir>/bench/<file>`.
+pub fn write_result(file: &str, text: &str) {
+    std::fs::write(bench_dir().join(file), text).unwrap();
+}
+
+/// Where `scripts/peers.sh` puts the peers' Python environments:
+/// `PF_PEERS_DIR`, by default `~/.cache/promo-fanout/peers`.
+pub fn peers_dir() -> std::path::PathBuf {
+    std::env::var_os("PF_PEERS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/promo-fanout/peers")
+        })
 }
