@@ -51,6 +51,9 @@ pub struct Source {
     topic: String,
 }
 
+/// The consumer's default `fetch.wait.max.ms` (librdkafka's is 500).
+const FETCH_WAIT_MAX_MS: &str = "10";
+
 impl Source {
     pub fn new(settings: &Settings) -> Result<Source, KafkaError> {
         let mut config = kafka_config(settings);
@@ -71,6 +74,13 @@ impl Source {
             }
         }
         config.set("auto.offset.reset", reset);
+        // How long a fetch may wait for data on the broker. A broker answers
+        // as soon as data arrives, but some Kafka-protocol brokers (tansu)
+        // hold every fetch for the whole wait, which then adds itself to the
+        // latency of every action. Overridable with `kafka.fetch.wait.max.ms`.
+        if !settings.kafka.contains_key("fetch.wait.max.ms") {
+            config.set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
+        }
         // Offsets move only when a batch is durable, by `commit` below.
         config
             .set("enable.auto.commit", "false")
