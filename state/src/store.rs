@@ -75,8 +75,15 @@ fn db_options() -> Options {
     // and the next start replays them all: seconds instead of milliseconds.
     // Past this size the tables holding the oldest log are flushed.
     opts.set_max_total_wal_size(64 << 20);
+    // All tables' memtables together, so that a fast fan-out (the sent
+    // table) or a snapshot cannot grow memory past it before flushing.
+    opts.set_db_write_buffer_size(MEMTABLE_BYTES);
     opts
 }
+
+/// The memtables of all tables together: with the block cache, the bulk of
+/// the process's memory.
+const MEMTABLE_BYTES: usize = 64 << 20;
 
 fn cf_descriptors(cache: &Cache) -> Vec<ColumnFamilyDescriptor> {
     Table::ALL
