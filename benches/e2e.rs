@@ -890,7 +890,7 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(u64
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0..100.0, 0.0..highest)
+        .build_cartesian_2d(0.0..100.0, (1.0..highest).log_scale())
         .unwrap();
     chart
         .configure_mesh()
@@ -906,7 +906,7 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(u64
             .enumerate()
             .step_by(step)
             .chain(lat.last().map(|l| (lat.len() - 1, l)))
-            .map(|(j, v)| (j as f64 * 100.0 / lat.len().max(1) as f64, *v));
+            .map(|(j, v)| (j as f64 * 100.0 / lat.len().max(1) as f64, v.max(1.0)));
         chart
             .draw_series(LineSeries::new(points, colour.stroke_width(2)))
             .unwrap()

@@ -281,7 +281,8 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         // entries of batches in flight are not in the store yet, nor are the
         // markers they clear. So with markers waiting, the batches in flight
         // are recorded first.
-        if !store.late_subscribers(1)?.is_empty() {
+        let markers = store.late_subscribers(settings.chunk_size)?;
+        if !markers.is_empty() {
             tokio::select! {
                 r = recorded_rx.wait_for(|r| *r >= planned) => {
                     if r.is_err() {
@@ -301,7 +302,9 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         batch.plan = fanout::plan(&*store, &campaigns, &actions, rules, turn)?;
         // Subscribers the mirror saw arrive, against the campaigns as they
         // stood before this batch (the plan's own scans cover the rest).
-        batch.late = store.late_subscribers(settings.chunk_size)?;
+        // The markers read before the wait: one the mirror adds meanwhile
+        // waits for the next batch, after the ones in flight are recorded.
+        batch.late = markers;
         more_late = batch.late.len() >= settings.chunk_size;
         let late = fanout::late(&*store, &campaigns, &batch.late, &rules)?;
         let late_count = late.len();
