@@ -884,7 +884,7 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(u64
         * 1.1;
     let mut chart = ChartBuilder::on(&right)
         .caption(
-            "Latency, action produced → push visible (ms)",
+            "Latency, action produced → push visible (ms, log scale)",
             ("sans-serif", 18),
         )
         .margin(12)
