@@ -25,9 +25,26 @@ fn check_recovered(
     expected: &BTreeSet<(Uuid, Uuid, Uuid)>,
     input_messages: i64,
 ) -> usize {
-    wait_for("every feedback row", WAIT, || {
-        (db.feedback_count() as usize == expected.len()).then_some(())
-    });
+    let deadline = std::time::Instant::now() + WAIT;
+    while db.feedback_count() as usize != expected.len() {
+        if std::time::Instant::now() > deadline {
+            // What a reader of a failed run needs: how far it got, and
+            // whether work was still pending in the store.
+            let late = dump(state, Some("subscriptions"))
+                .iter()
+                .filter(|e| e["kind"] == "late")
+                .count();
+            let campaigns = dump(state, Some("campaigns"));
+            panic!(
+                "timed out waiting for every feedback row: {} of {}; sent entries {}; \
+                 late markers {late}; campaigns {campaigns:?}",
+                db.feedback_count(),
+                expected.len(),
+                dump(state, Some("sent")).len(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let rows: BTreeSet<_> = db.feedback().into_iter().collect();
     assert_eq!(&rows, expected, "Postgres holds exactly the expected rows");
 
