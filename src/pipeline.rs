@@ -385,6 +385,9 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     Ok(())
 }
 
+/// How long a delivery may go without an answer before the recorder says so.
+const STUCK_DELIVERY: Duration = Duration::from_secs(15);
+
 /// A batch planned and on its way to the sinks.
 struct InFlight {
     batch: Arc<Batch>,
@@ -406,8 +409,21 @@ async fn record_in_order(
     recorded: watch::Sender<u64>,
     positions: watch::Sender<BTreeMap<i32, i64>>,
 ) -> Result<(), Stopped> {
-    while let Some(f) = queue.recv().await {
-        f.delivery.await.expect("a delivery does not panic")?;
+    while let Some(mut f) = queue.recv().await {
+        // A sink that fails is retried and logged by the delivery itself; one
+        // that neither answers nor fails would be silent, so say so here.
+        let delivered = loop {
+            match tokio::time::timeout(STUCK_DELIVERY, &mut f.delivery).await {
+                Ok(outcome) => break outcome.expect("a delivery does not panic"),
+                Err(_) => tracing::warn!(
+                    seconds = f.started.elapsed().as_secs(),
+                    notifications = f.batch.plan.notifications.len(),
+                    "a batch is still being delivered without an error: waiting on a \
+                     Postgres commit or the broker's acknowledgements"
+                ),
+            }
+        };
+        delivered?;
         checkpoint.record(&f.batch, &source, f.started).await?;
         recorded.send_modify(|r| *r += 1);
         positions.send_replace(f.batch.positions.clone());
