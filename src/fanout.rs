@@ -49,6 +49,11 @@ pub fn campaign_timing(c: &Campaign, now: i64, margin: i64) -> Timing {
     )
 }
 
+/// Whether `c` has subscribers left to notify now: eligible, fan-out not done.
+pub fn awaits_fan_out(c: &Campaign, now: i64, margin: i64) -> bool {
+    c.progress != Progress::Done && campaign_timing(c, now, margin) == Timing::Eligible
+}
+
 /// A repeated or updated action takes its new content and times; how far the
 /// fan-out has got is kept, so nobody is notified twice.
 pub fn merge(existing: Option<&Campaign>, a: &Action) -> Campaign {

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use promo_fanout_state::{Campaign, Identity, Progress, Store};
+use promo_fanout_state::{Campaign, Identity, Store};
 use rdkafka::error::RDKafkaErrorCode;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -14,7 +14,7 @@ use crate::action;
 use crate::checkpoint::{Batch, Checkpoint};
 use crate::clock;
 use crate::config::{MirrorMode, Settings};
-use crate::fanout::{self, CampaignKey, Rules, Timing};
+use crate::fanout::{self, CampaignKey, Rules};
 use crate::health::{self, Health};
 use crate::mirror;
 use crate::retry::{until_done, SinkError, Stopped};
@@ -221,10 +221,9 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         }
         let now = clock::now();
         let busy = more_late
-            || campaigns.values().any(|c| {
-                c.progress != Progress::Done
-                    && fanout::campaign_timing(c, now, margin) == Timing::Eligible
-            });
+            || campaigns
+                .values()
+                .any(|c| fanout::awaits_fan_out(c, now, margin));
         let wait = if busy { Duration::ZERO } else { IDLE_WAIT };
         let messages = tokio::select! {
             m = source.next_batch(settings.batch_size, wait, settings.batch_linger) => {
@@ -281,8 +280,10 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         // entries of batches in flight are not in the store yet, nor are the
         // markers they clear. So with markers waiting, the batches in flight
         // are recorded first.
-        let markers = store.late_subscribers(settings.chunk_size)?;
-        if !markers.is_empty() {
+        // After the wait the markers are read again: those the recorded
+        // batches cleared are gone, and nothing is in flight to race with.
+        let mut markers = store.late_subscribers(settings.chunk_size)?;
+        if !markers.is_empty() && *recorded_rx.borrow() < planned {
             tokio::select! {
                 r = recorded_rx.wait_for(|r| *r >= planned) => {
                     if r.is_err() {
@@ -291,6 +292,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
                 }
                 _ = shutdown.wait_for(|s| *s) => break Ok(()),
             }
+            markers = store.late_subscribers(settings.chunk_size)?;
         }
 
         let rules = Rules {
@@ -302,8 +304,6 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         batch.plan = fanout::plan(&*store, &campaigns, &actions, rules, turn)?;
         // Subscribers the mirror saw arrive, against the campaigns as they
         // stood before this batch (the plan's own scans cover the rest).
-        // The markers read before the wait: one the mirror adds meanwhile
-        // waits for the next batch, after the ones in flight are recorded.
         batch.late = markers;
         more_late = batch.late.len() >= settings.chunk_size;
         let late = fanout::late(&*store, &campaigns, &batch.late, &rules)?;
@@ -324,10 +324,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         positions = batch.positions.clone();
         let pending = campaigns
             .values()
-            .filter(|c| {
-                c.progress != Progress::Done
-                    && fanout::campaign_timing(c, now, margin) == Timing::Eligible
-            })
+            .filter(|c| fanout::awaits_fan_out(c, now, margin))
             .count();
         metrics::gauge!("promo_fanout_fanout_pending_campaigns").set(pending as f64);
         metrics::gauge!("promo_fanout_campaigns_stored").set(campaigns.len() as f64);
