@@ -39,7 +39,10 @@ use uuid::Uuid;
 
 mod common;
 
-use common::{bench_dir, drop_db, env_or, get, peers_dir, scratch_db, write_result, BIN};
+use common::{
+    bench_dir, drop_db, env_or, feedback_rows, free_addr, get, peers_dir, scratch_db, write_result,
+    BIN,
+};
 
 const PARTITIONS: i32 = 4;
 
@@ -227,12 +230,7 @@ impl Bench {
         state: &std::path::Path,
         group: &str,
     ) -> (Child, String) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let metrics = format!("127.0.0.1:{port}");
+        let metrics = free_addr();
         let child = Command::new(BIN)
             .arg("run")
             .args(["--brokers", &self.brokers, "--postgres-url", url])
@@ -383,11 +381,7 @@ impl Bench {
         self.produce_all(&producer, &t.input, &actions);
         self.wait_sent(&metrics, expected, Duration::from_secs(1800));
         let rate = expected / started.elapsed().as_secs_f64();
-        let rows: i64 = postgres::Client::connect(&url, postgres::NoTls)
-            .unwrap()
-            .query_one("SELECT count(*) FROM subscribers_feedback", &[])
-            .unwrap()
-            .get(0);
+        let rows = feedback_rows(&mut postgres::Client::connect(&url, postgres::NoTls).unwrap());
         assert_eq!(rows as f64, expected, "every notification is in Postgres");
         let _ = child.kill();
         let _ = child.wait();
@@ -464,15 +458,10 @@ impl Bench {
             .spawn()
             .unwrap();
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        let rows = |pg: &mut postgres::Client| -> i64 {
-            pg.query_one("SELECT count(*) FROM subscribers_feedback", &[])
-                .unwrap()
-                .get(0)
-        };
         let launched = Instant::now();
         let mut outcome = Err(String::new());
         while launched.elapsed() < Duration::from_secs(300) {
-            if rows(&mut pg) >= 1 {
+            if feedback_rows(&mut pg) >= 1 {
                 outcome = Ok(launched.elapsed());
                 break;
             }
@@ -494,7 +483,7 @@ impl Bench {
                 self.produce_all(&producer, &t.input, &actions);
                 let mut done = Err("did not finish within 1,800 s".to_string());
                 while started.elapsed() < Duration::from_secs(1800) {
-                    let n = rows(&mut pg);
+                    let n = feedback_rows(&mut pg);
                     if n >= expected {
                         done = Ok((expected - 1) as f64 / started.elapsed().as_secs_f64());
                         break;

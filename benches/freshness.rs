@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 mod common;
 
-use common::{drop_db, env_or, get, scratch_db, write_result, BIN};
+use common::{drop_db, env_or, free_addr, get, scratch_db, write_result, BIN};
 
 /// (upper bound, cumulative count) of each bucket of a Prometheus histogram.
 fn buckets(body: &str, name: &str) -> Vec<(f64, f64)> {
@@ -63,12 +63,7 @@ fn main() {
         mock.create_topic(t, 1, 1).unwrap();
     }
     let state = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics = format!("127.0.0.1:{port}");
+    let metrics = free_addr();
     let mut child = Command::new(BIN)
         .arg("run")
         .args(["--brokers", &mock.bootstrap_servers()])

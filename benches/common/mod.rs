@@ -65,6 +65,23 @@ pub fn drop_db(admin_url: &str, name: &str) {
     let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
 }
 
+/// A loopback address with a port free now, for the service's metrics.
+pub fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// Rows in `subscribers_feedback`.
+pub fn feedback_rows(pg: &mut postgres::Client) -> i64 {
+    pg.query_one("SELECT count(*) FROM subscribers_feedback", &[])
+        .unwrap()
+        .get(0)
+}
+
 /// `GET path` on the service's metrics address: (status, body).
 pub fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;

@@ -39,17 +39,20 @@ conf.set("pipeline.name", "promo-fanout peer")
 # connection's time zone (set to UTC in the URL) turns back into instants.
 conf.set("table.local-time-zone", "UTC")
 
+
+def columns(time_type: str, *more: str) -> str:
+    """An action's columns, its times as `time_type`, then `more`."""
+    text = ["restaurant_id", "adv_campaign_id", "adv_campaign_content",
+            "adv_campaign_owner", "adv_campaign_owner_contact"]
+    times = ["adv_campaign_datetime_start", "adv_campaign_datetime_end", "datetime_created"]
+    return ",\n    ".join(
+        [f"{c} STRING" for c in text] + [f"{c} {time_type}" for c in times] + list(more)
+    )
+
+
 env.execute_sql(f"""
 CREATE TABLE actions (
-    restaurant_id STRING,
-    adv_campaign_id STRING,
-    adv_campaign_content STRING,
-    adv_campaign_owner STRING,
-    adv_campaign_owner_contact STRING,
-    adv_campaign_datetime_start BIGINT,
-    adv_campaign_datetime_end BIGINT,
-    datetime_created BIGINT,
-    proc AS PROCTIME()
+    {columns("BIGINT", "proc AS PROCTIME()")}
 ) WITH (
     'connector' = 'kafka',
     'topic' = '{input_topic}',
@@ -73,16 +76,7 @@ CREATE TABLE subscribers (
 
 env.execute_sql(f"""
 CREATE TABLE pushes (
-    restaurant_id STRING,
-    adv_campaign_id STRING,
-    adv_campaign_content STRING,
-    adv_campaign_owner STRING,
-    adv_campaign_owner_contact STRING,
-    adv_campaign_datetime_start BIGINT,
-    adv_campaign_datetime_end BIGINT,
-    datetime_created BIGINT,
-    client_id STRING,
-    trigger_datetime_created BIGINT
+    {columns("BIGINT", "client_id STRING", "trigger_datetime_created BIGINT")}
 ) WITH (
     'connector' = 'kafka',
     'topic' = '{output_topic}',
@@ -99,17 +93,8 @@ CREATE TABLE pushes (
 
 env.execute_sql(f"""
 CREATE TABLE feedback (
-    restaurant_id STRING,
-    adv_campaign_id STRING,
-    adv_campaign_content STRING,
-    adv_campaign_owner STRING,
-    adv_campaign_owner_contact STRING,
-    adv_campaign_datetime_start TIMESTAMP(3),
-    adv_campaign_datetime_end TIMESTAMP(3),
-    datetime_created TIMESTAMP(3),
-    client_id STRING,
-    trigger_datetime_created TIMESTAMP(3),
-    PRIMARY KEY (restaurant_id, adv_campaign_id, client_id) NOT ENFORCED
+    {columns("TIMESTAMP(3)", "client_id STRING", "trigger_datetime_created TIMESTAMP(3)",
+             "PRIMARY KEY (restaurant_id, adv_campaign_id, client_id) NOT ENFORCED")}
 ) WITH (
     'connector' = 'jdbc',
     'url' = '{jdbc}',
