@@ -9,9 +9,14 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use promo_fanout::action;
 use promo_fanout::fanout::{self, Notification};
 use promo_fanout::sinks::PushMessage;
-use promo_fanout_state::{Campaign, Commit, Identity, Progress, Store, Subscription};
+use promo_fanout_state::{Action, Campaign, Commit, Identity, Progress, Store, Subscription};
 use uuid::Uuid;
 
+/// The service's defaults: `max-message-bytes` and librdkafka's `message.max.bytes`.
+const LIMITS: action::Limits = action::Limits {
+    max_message_bytes: 256 * 1024,
+    max_push_bytes: 1_000_000 - action::Limits::PUSH_OVERHEAD,
+};
 const SUBSCRIBERS: usize = 20_000;
 const CHUNK: usize = 5_000;
 
@@ -32,14 +37,17 @@ fn sample_action() -> Vec<u8> {
 
 fn campaign(r: Uuid) -> Campaign {
     Campaign {
-        restaurant_id: r,
-        adv_campaign_id: Uuid::new_v4(),
-        adv_campaign_content: "Two pizzas for the price of one, today only".into(),
-        adv_campaign_owner: Some("Ivan Ivanov".into()),
-        adv_campaign_owner_contact: Some("ivan@example.com".into()),
-        adv_campaign_datetime_start: 0,
-        adv_campaign_datetime_end: i64::MAX / 2,
-        datetime_created: 0,
+        action: Action {
+            restaurant_id: r,
+            adv_campaign_id: Uuid::new_v4(),
+            adv_campaign_content: "Two pizzas for the price of one, today only".into(),
+            adv_campaign_owner: Some("Ivan Ivanov".into()),
+            adv_campaign_owner_contact: Some("ivan@example.com".into()),
+            adv_campaign_datetime_start: 0,
+            adv_campaign_datetime_end: i64::MAX / 2,
+            datetime_created: 0,
+        },
+        origin: None,
         progress: Progress::NotStarted,
     }
 }
@@ -64,7 +72,7 @@ fn store_with_subscribers() -> (tempfile::TempDir, Store, Campaign) {
             client_id: client,
         });
         if i % 2 == 0 {
-            commit.mark_sent(r, c.adv_campaign_id, client, i64::MAX);
+            commit.mark_sent(r, c.action.adv_campaign_id, client, i64::MAX);
         }
     }
     store.commit(commit).unwrap();
@@ -76,11 +84,11 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode");
     g.throughput(Throughput::Elements(1));
     g.bench_function("decode_and_validate", |b| {
-        b.iter(|| action::decode(Some(black_box(&bytes)), 256 * 1024).unwrap())
+        b.iter(|| action::decode(Some(black_box(&bytes)), &LIMITS).unwrap())
     });
     let bad = br#"{"restaurant_id":"12-x","adv_campaign_id":5}"#;
     g.bench_function("reject_with_reason", |b| {
-        b.iter(|| action::decode(Some(black_box(bad)), 256 * 1024).unwrap_err())
+        b.iter(|| action::decode(Some(black_box(bad)), &LIMITS).unwrap_err())
     });
     g.finish();
 
@@ -101,13 +109,13 @@ fn bench(c: &mut Criterion) {
     g.bench_function("recipient_scan_5000", |b| {
         b.iter(|| {
             store
-                .subscribers(camp.restaurant_id, None)
+                .subscribers(camp.action.restaurant_id, None)
                 .take(CHUNK)
                 .count()
         })
     });
     let clients: Vec<Uuid> = store
-        .subscribers(camp.restaurant_id, None)
+        .subscribers(camp.action.restaurant_id, None)
         .take(CHUNK)
         .map(Result::unwrap)
         .collect();
@@ -115,8 +123,8 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             store
                 .sent_flags(
-                    camp.restaurant_id,
-                    camp.adv_campaign_id,
+                    camp.action.restaurant_id,
+                    camp.action.adv_campaign_id,
                     black_box(&clients),
                 )
                 .unwrap()

@@ -1,48 +1,18 @@
 //! The input: a restaurant's action as it arrives on the input topic, decoded
 //! and validated. Anything that fails here is bad input for the DLQ, with a
-//! reason naming the field.
+//! reason naming the field; anything that passes can be stored by both sinks
+//! (Postgres `text` and `timestamptz`, a push message the producer may send).
 
-use std::borrow::Cow;
-
-use serde::{Deserialize, Serialize};
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-/// A validated action.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Action {
-    pub restaurant_id: Uuid,
-    pub adv_campaign_id: Uuid,
-    pub adv_campaign_content: String,
-    pub adv_campaign_owner: Option<String>,
-    pub adv_campaign_owner_contact: Option<String>,
-    pub adv_campaign_datetime_start: i64,
-    pub adv_campaign_datetime_end: i64,
-    pub datetime_created: i64,
-}
+pub use promo_fanout_state::Action;
 
 /// Why a message is bad input; the text goes into the DLQ's `error` header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct Invalid(pub String);
-
-/// The fast path: a borrowing parse of a well-formed message.
-#[derive(Deserialize)]
-struct Wire<'a> {
-    #[serde(borrow)]
-    restaurant_id: Cow<'a, str>,
-    #[serde(borrow)]
-    adv_campaign_id: Cow<'a, str>,
-    #[serde(borrow)]
-    adv_campaign_content: Cow<'a, str>,
-    #[serde(borrow, default)]
-    adv_campaign_owner: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    adv_campaign_owner_contact: Option<Cow<'a, str>>,
-    adv_campaign_datetime_start: i64,
-    adv_campaign_datetime_end: i64,
-    datetime_created: i64,
-}
 
 const REQUIRED_TIMES: [&str; 3] = [
     "adv_campaign_datetime_start",
@@ -50,9 +20,45 @@ const REQUIRED_TIMES: [&str; 3] = [
     "datetime_created",
 ];
 
+/// The earliest Unix second Postgres `timestamptz` holds: 4714-11-24
+/// 00:00:00 UTC BC (Julian day 0). chrono reaches further back.
+pub const EARLIEST_TIME: i64 = -210_866_803_200;
+
+/// The latest Unix second both sinks hold: chrono's end (262142 AD), which
+/// comes before Postgres's (294276 AD).
+pub fn latest_time() -> i64 {
+    DateTime::<Utc>::MAX_UTC.timestamp()
+}
+
+/// What a decoded action must fit in, beyond its shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Input values over this many bytes are bad input (`max-message-bytes`).
+    pub max_message_bytes: usize,
+    /// The largest push message the producer may send: its
+    /// `message.max.bytes` less room for the key and the record's framing.
+    pub max_push_bytes: usize,
+}
+
+impl Limits {
+    /// What librdkafka adds to a value before it compares it with
+    /// `message.max.bytes`: the key (a client id, 36 bytes) and the record
+    /// and batch framing, with room to spare.
+    pub const PUSH_OVERHEAD: usize = 1024;
+
+    /// The limits for `max-message-bytes` and a producer `message.max.bytes`.
+    pub fn new(max_message_bytes: usize, producer_max_bytes: usize) -> Limits {
+        Limits {
+            max_message_bytes,
+            max_push_bytes: producer_max_bytes.saturating_sub(Self::PUSH_OVERHEAD),
+        }
+    }
+}
+
 /// Decodes and validates one input value.
-pub fn decode(value: Option<&[u8]>, max_bytes: usize) -> Result<Action, Invalid> {
+pub fn decode(value: Option<&[u8]>, limits: &Limits) -> Result<Action, Invalid> {
     let bytes = value.ok_or_else(|| Invalid("value: missing (null message value)".into()))?;
+    let max_bytes = limits.max_message_bytes;
     if bytes.len() > max_bytes {
         return Err(Invalid(format!(
             "value: {} bytes, over the {max_bytes}-byte limit",
@@ -65,40 +71,69 @@ pub fn decode(value: Option<&[u8]>, max_bytes: usize) -> Result<Action, Invalid>
             e.valid_up_to()
         ))
     })?;
-    match serde_json::from_str::<Wire>(text) {
-        Ok(wire) => validate(wire),
+    let action = match serde_json::from_str::<Action>(text) {
+        Ok(action) => action,
         // The typed parse names no field in most of its errors: diagnose from
         // the generic form instead.
-        Err(_) => Err(diagnose(text)),
+        Err(_) => return Err(diagnose(text)),
+    };
+    validate(&action)?;
+    let push = crate::sinks::push_message_len(&action);
+    if push > limits.max_push_bytes {
+        return Err(Invalid(format!(
+            "adv_campaign_content: its push message would be {push} bytes, over the {} bytes \
+             the producer may send (kafka.message.max.bytes less {} for the record)",
+            limits.max_push_bytes + Limits::PUSH_OVERHEAD,
+            Limits::PUSH_OVERHEAD
+        )));
     }
+    Ok(action)
 }
 
-fn validate(w: Wire<'_>) -> Result<Action, Invalid> {
-    let restaurant_id = parse_uuid("restaurant_id", &w.restaurant_id)?;
-    let adv_campaign_id = parse_uuid("adv_campaign_id", &w.adv_campaign_id)?;
+/// What the shape alone does not say: the rules of SPEC §1 and what the
+/// sinks can store.
+fn validate(w: &Action) -> Result<(), Invalid> {
     if w.adv_campaign_content.trim().is_empty() {
         return Err(Invalid("adv_campaign_content: must not be empty".into()));
     }
+    storable_text("adv_campaign_content", Some(&w.adv_campaign_content))?;
+    storable_text("adv_campaign_owner", w.adv_campaign_owner.as_deref())?;
+    storable_text(
+        "adv_campaign_owner_contact",
+        w.adv_campaign_owner_contact.as_deref(),
+    )?;
+    storable_time("adv_campaign_datetime_start", w.adv_campaign_datetime_start)?;
+    storable_time("adv_campaign_datetime_end", w.adv_campaign_datetime_end)?;
+    storable_time("datetime_created", w.datetime_created)?;
     if w.adv_campaign_datetime_start > w.adv_campaign_datetime_end {
         return Err(Invalid(format!(
             "adv_campaign_datetime_start: {} is after adv_campaign_datetime_end {}",
             w.adv_campaign_datetime_start, w.adv_campaign_datetime_end
         )));
     }
-    Ok(Action {
-        restaurant_id,
-        adv_campaign_id,
-        adv_campaign_content: w.adv_campaign_content.into_owned(),
-        adv_campaign_owner: w.adv_campaign_owner.map(Cow::into_owned),
-        adv_campaign_owner_contact: w.adv_campaign_owner_contact.map(Cow::into_owned),
-        adv_campaign_datetime_start: w.adv_campaign_datetime_start,
-        adv_campaign_datetime_end: w.adv_campaign_datetime_end,
-        datetime_created: w.datetime_created,
-    })
+    Ok(())
 }
 
-fn parse_uuid(field: &str, s: &str) -> Result<Uuid, Invalid> {
-    Uuid::parse_str(s).map_err(|_| Invalid(format!("{field}: invalid UUID {s:?}")))
+/// Postgres `text` cannot hold U+0000, and would refuse the whole batch.
+fn storable_text(field: &str, text: Option<&str>) -> Result<(), Invalid> {
+    match text.and_then(|t| t.find('\0')) {
+        Some(at) => Err(Invalid(format!(
+            "{field}: contains U+0000 (NUL) at byte {at}, which Postgres text cannot store"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Unix seconds both Postgres `timestamptz` and chrono can represent.
+fn storable_time(field: &str, secs: i64) -> Result<(), Invalid> {
+    let latest = latest_time();
+    if (EARLIEST_TIME..=latest).contains(&secs) {
+        return Ok(());
+    }
+    Err(Invalid(format!(
+        "{field}: {secs} is outside the storable range of Unix seconds \
+         {EARLIEST_TIME} (4714-11-24 BC) to {latest} (262142-12-31 AD)"
+    )))
 }
 
 /// Finds the first thing wrong with a message the typed parse refused.
@@ -116,6 +151,13 @@ fn diagnose(text: &str) -> Invalid {
     for field in ["restaurant_id", "adv_campaign_id", "adv_campaign_content"] {
         if let Err(e) = required_string(&map, field) {
             return e;
+        }
+    }
+    for field in ["restaurant_id", "adv_campaign_id"] {
+        if let Some(Value::String(s)) = map.get(field) {
+            if Uuid::parse_str(s).is_err() {
+                return Invalid(format!("{field}: invalid UUID {s:?}"));
+            }
         }
     }
     for field in ["adv_campaign_owner", "adv_campaign_owner_contact"] {
@@ -145,7 +187,7 @@ fn diagnose(text: &str) -> Invalid {
         }
     }
     // Shapes are right yet the typed parse failed: a duplicated key, most likely.
-    match serde_json::from_str::<Wire>(text) {
+    match serde_json::from_str::<Action>(text) {
         Err(e) => Invalid(format!("value: {e}")),
         Ok(_) => Invalid("value: rejected by the decoder".into()),
     }
@@ -202,8 +244,21 @@ mod tests {
         })
     }
 
+    /// The defaults: `max-message-bytes` and librdkafka's `message.max.bytes`.
+    const LIMITS: Limits = Limits {
+        max_message_bytes: 256 * 1024,
+        max_push_bytes: 1_000_000 - Limits::PUSH_OVERHEAD,
+    };
+
     fn decode_value(v: &Value) -> Result<Action, Invalid> {
-        decode(Some(v.to_string().as_bytes()), 256 * 1024)
+        decode(Some(v.to_string().as_bytes()), &LIMITS)
+    }
+
+    fn small(max_message_bytes: usize) -> Limits {
+        Limits {
+            max_message_bytes,
+            ..LIMITS
+        }
     }
 
     fn with(field: &str, value: Value) -> Value {
@@ -283,28 +338,122 @@ mod tests {
 
     #[test]
     fn bytes_that_are_not_json_text_are_refused() {
-        assert!(decode(Some(b"\xff\xfe"), 100)
+        assert!(decode(Some(b"\xff\xfe"), &small(100))
             .unwrap_err()
             .0
             .contains("UTF-8"));
-        assert!(decode(Some(b"{\"a\":"), 100)
+        assert!(decode(Some(b"{\"a\":"), &small(100))
             .unwrap_err()
             .0
             .contains("not valid JSON"));
-        assert!(decode(None, 100).unwrap_err().0.contains("missing"));
+        assert!(decode(None, &small(100)).unwrap_err().0.contains("missing"));
         let big = vec![b' '; 101];
-        assert!(decode(Some(&big), 100)
+        assert!(decode(Some(&big), &small(100))
             .unwrap_err()
             .0
             .contains("over the 100-byte limit"));
-        let dup = format!(r#"{{"restaurant_id":"{R}","restaurant_id":"{R}"}}"#);
-        assert!(decode(Some(dup.as_bytes()), 1000).is_err());
+    }
+
+    #[test]
+    fn a_duplicated_key_is_refused_by_name() {
+        // Every field present and valid, one of them twice: only the
+        // duplicate can be what is wrong.
+        let text = valid().to_string();
+        let dup = text.replacen('{', &format!(r#"{{"restaurant_id":"{R}","#), 1);
+        let err = decode(Some(dup.as_bytes()), &LIMITS).unwrap_err().0;
+        assert!(err.contains("duplicate field `restaurant_id`"), "{err}");
+    }
+
+    #[test]
+    fn text_postgres_cannot_store_is_refused() {
+        for field in [
+            "adv_campaign_content",
+            "adv_campaign_owner",
+            "adv_campaign_owner_contact",
+        ] {
+            let err = decode_value(&with(field, "free\u{0}coffee".into()))
+                .unwrap_err()
+                .0;
+            assert!(
+                err.starts_with(&format!("{field}: contains U+0000 (NUL) at byte 4")),
+                "{err}"
+            );
+        }
+        // The JSON escape decodes to the same character.
+        let escaped = valid()
+            .to_string()
+            .replace("first coffee free", r"first\u0000coffee");
+        let err = decode(Some(escaped.as_bytes()), &LIMITS).unwrap_err().0;
+        assert!(
+            err.starts_with("adv_campaign_content: contains U+0000"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn times_outside_what_both_sinks_hold_are_refused() {
+        let latest = latest_time();
+        assert!(DateTime::from_timestamp(EARLIEST_TIME, 0).is_some());
+        assert!(DateTime::from_timestamp(latest, 0).is_some());
+        assert!(DateTime::from_timestamp(latest + 1, 0).is_none());
+        for field in REQUIRED_TIMES {
+            for secs in [
+                EARLIEST_TIME - 1,
+                latest + 1,
+                i64::MIN,
+                i64::MAX,
+                -(1 << 62),
+            ] {
+                let mut v = valid();
+                // Keep start <= end so that only the range can be the reason.
+                v["adv_campaign_datetime_start"] = EARLIEST_TIME.into();
+                v["adv_campaign_datetime_end"] = latest.into();
+                v[field] = secs.into();
+                let err = decode_value(&v).unwrap_err().0;
+                assert!(
+                    err.starts_with(&format!("{field}: {secs} is outside the storable range")),
+                    "{field} = {secs}: {err}"
+                );
+            }
+        }
+        // The ends themselves are storable.
+        let mut v = valid();
+        v["adv_campaign_datetime_start"] = EARLIEST_TIME.into();
+        v["adv_campaign_datetime_end"] = latest.into();
+        v["datetime_created"] = EARLIEST_TIME.into();
+        assert!(decode_value(&v).is_ok());
+    }
+
+    #[test]
+    fn an_action_whose_push_message_is_too_large_is_refused() {
+        let limits = Limits::new(4 << 20, 1_000_000);
+        let content = "x".repeat(1_000_000);
+        let v = with("adv_campaign_content", content.into());
+        let err = decode(Some(v.to_string().as_bytes()), &limits)
+            .unwrap_err()
+            .0;
+        assert!(
+            err.starts_with("adv_campaign_content: its push message would be"),
+            "{err}"
+        );
+        // Just under the limit passes: the check measures the real message.
+        let a = decode_value(&valid()).unwrap();
+        let exact = Limits {
+            max_message_bytes: 1 << 20,
+            max_push_bytes: crate::sinks::push_message_len(&a),
+        };
+        assert!(decode(Some(valid().to_string().as_bytes()), &exact).is_ok());
+        let under = Limits {
+            max_push_bytes: exact.max_push_bytes - 1,
+            ..exact
+        };
+        assert!(decode(Some(valid().to_string().as_bytes()), &under).is_err());
     }
 
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = decode(Some(&bytes), 256 * 1024);
+            let _ = decode(Some(&bytes), &LIMITS);
         }
 
         #[test]
@@ -312,9 +461,9 @@ mod tests {
             let mut bytes = valid().to_string().into_bytes();
             let at = cut % bytes.len();
             bytes[at] = byte;
-            let _ = decode(Some(&bytes), 256 * 1024);
+            let _ = decode(Some(&bytes), &LIMITS);
             bytes.truncate(at);
-            let _ = decode(Some(&bytes), 256 * 1024);
+            let _ = decode(Some(&bytes), &LIMITS);
         }
     }
 }

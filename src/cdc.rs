@@ -24,7 +24,6 @@
 //! `promo_fanout_mirror_resnapshots_total`.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +36,7 @@ use crate::config::Settings;
 use crate::health::Health;
 use crate::mirror::{self, SyncPlan, SyncStats};
 use crate::pgoutput::{self, lsn_text, Message, Tuple, Value};
-use crate::retry::{backoff, is_retryable, SinkError};
+use crate::retry::{backoff, classify, Disposition, SinkError};
 
 /// Changes asked of the slot per poll at most (whole transactions: a larger
 /// one comes whole).
@@ -555,7 +554,7 @@ pub async fn follow(
                 .code()
                 .is_none_or(|c| matches!(&c.code()[..2], "08" | "57" | "53"));
             if unreachable {
-                health.postgres_ok.store(false, Ordering::Relaxed);
+                health.change_feed.set_ok(false);
             }
         }
         if *shutdown.borrow() {
@@ -570,14 +569,14 @@ pub async fn follow(
             let now = crate::clock::now();
             // `prepare` sees the missing or invalidated slot and re-snapshots.
             if let Err(e) = prepare(store.clone(), &feed, now).await {
-                if !is_retryable(&e) {
+                if classify(&e) != Disposition::Retry {
                     return Err(e);
                 }
                 tracing::warn!(error = %e, "re-snapshot failed; retrying");
             }
             continue;
         }
-        if !is_retryable(&error) {
+        if classify(&error) != Disposition::Retry {
             return Err(error);
         }
         let delay = delays.next().unwrap_or(Duration::from_secs(10));
@@ -643,7 +642,7 @@ async fn stream(
             .await
             .map_err(pg)?;
         let peek_took = peek_started.elapsed();
-        health.postgres_ok.store(true, Ordering::Relaxed);
+        health.change_feed.set_ok(true);
         let full = rows.len() as i32 >= MAX_CHANGES;
         let mut messages = Vec::with_capacity(rows.len());
         for r in &rows {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use promo_fanout_state::{Campaign, Progress, Store, StoreError};
+use promo_fanout_state::{Campaign, Origin, Progress, Store, StoreError};
 use uuid::Uuid;
 
 use crate::action::Action;
@@ -15,7 +15,7 @@ use crate::action::Action;
 pub type CampaignKey = (Uuid, Uuid);
 
 pub fn key_of(c: &Campaign) -> CampaignKey {
-    (c.restaurant_id, c.adv_campaign_id)
+    (c.action.restaurant_id, c.action.adv_campaign_id)
 }
 
 /// Where a campaign stands at processing time `now`.
@@ -42,8 +42,8 @@ pub fn timing(start: i64, end: i64, now: i64, margin: i64) -> Timing {
 
 pub fn campaign_timing(c: &Campaign, now: i64, margin: i64) -> Timing {
     timing(
-        c.adv_campaign_datetime_start,
-        c.adv_campaign_datetime_end,
+        c.action.adv_campaign_datetime_start,
+        c.action.adv_campaign_datetime_end,
         now,
         margin,
     )
@@ -56,18 +56,19 @@ pub fn awaits_fan_out(c: &Campaign, now: i64, margin: i64) -> bool {
 
 /// A repeated or updated action takes its new content and times; how far the
 /// fan-out has got is kept, so nobody is notified twice.
-pub fn merge(existing: Option<&Campaign>, a: &Action) -> Campaign {
+pub fn merge(existing: Option<&Campaign>, arrival: &Arrival) -> Campaign {
     Campaign {
-        restaurant_id: a.restaurant_id,
-        adv_campaign_id: a.adv_campaign_id,
-        adv_campaign_content: a.adv_campaign_content.clone(),
-        adv_campaign_owner: a.adv_campaign_owner.clone(),
-        adv_campaign_owner_contact: a.adv_campaign_owner_contact.clone(),
-        adv_campaign_datetime_start: a.adv_campaign_datetime_start,
-        adv_campaign_datetime_end: a.adv_campaign_datetime_end,
-        datetime_created: a.datetime_created,
+        action: arrival.action.clone(),
         progress: existing.map_or(Progress::NotStarted, |c| c.progress),
+        origin: Some(arrival.origin),
     }
+}
+
+/// A valid action as it arrived, and the input message that carried it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arrival {
+    pub action: Action,
+    pub origin: Origin,
 }
 
 /// The reads the decisions need: the mirror and the sent set.
@@ -142,14 +143,15 @@ pub fn next_chunk<V: StateView + ?Sized>(
         Progress::After(c) => Some(c),
     };
     let scanned = view
-        .subscribers_after(campaign.restaurant_id, after)
+        .subscribers_after(campaign.action.restaurant_id, after)
         .take(limit.max(1))
         .collect::<Result<Vec<Uuid>, _>>()?;
     let progress = match scanned.last() {
         Some(last) if scanned.len() == limit.max(1) => Progress::After(*last),
         _ => Progress::Done,
     };
-    let sent = view.sent_flags(campaign.restaurant_id, campaign.adv_campaign_id, &scanned)?;
+    let a = &campaign.action;
+    let sent = view.sent_flags(a.restaurant_id, a.adv_campaign_id, &scanned)?;
     let recipients = scanned
         .into_iter()
         .zip(sent)
@@ -211,12 +213,13 @@ pub struct Rules {
 pub fn plan<V: StateView + ?Sized>(
     view: &V,
     campaigns: &BTreeMap<CampaignKey, Campaign>,
-    actions: &[Action],
+    arrivals: &[Arrival],
     rules: Rules,
     turn: Option<CampaignKey>,
 ) -> Result<Plan, StoreError> {
     let mut plan = Plan::default();
-    for a in actions {
+    for arrival in arrivals {
+        let a = &arrival.action;
         let key = (a.restaurant_id, a.adv_campaign_id);
         let existing = plan.puts.get(&key).or_else(|| campaigns.get(&key));
         let t = timing(
@@ -229,7 +232,7 @@ pub fn plan<V: StateView + ?Sized>(
             (false, Timing::Expired) => plan.tally.expired += 1,
             (true, _) => {
                 plan.tally.updated += 1;
-                let merged = merge(existing, a);
+                let merged = merge(existing, arrival);
                 plan.puts.insert(key, merged);
             }
             (false, t) => {
@@ -238,7 +241,7 @@ pub fn plan<V: StateView + ?Sized>(
                 } else {
                     plan.tally.eligible += 1;
                 }
-                plan.puts.insert(key, merge(None, a));
+                plan.puts.insert(key, merge(None, arrival));
             }
         }
     }
@@ -279,6 +282,7 @@ pub fn plan<V: StateView + ?Sized>(
             Timing::Expired
                 if rules.now
                     > campaign
+                        .action
                         .adv_campaign_datetime_end
                         .saturating_add(rules.retention) =>
             {
@@ -379,16 +383,22 @@ mod tests {
         Uuid::from_u128(n)
     }
 
-    fn action(r: u128, k: u128, start: i64, end: i64) -> Action {
-        Action {
-            restaurant_id: u(r),
-            adv_campaign_id: u(k),
-            adv_campaign_content: "deal".into(),
-            adv_campaign_owner: None,
-            adv_campaign_owner_contact: None,
-            adv_campaign_datetime_start: start,
-            adv_campaign_datetime_end: end,
-            datetime_created: start,
+    fn action(r: u128, k: u128, start: i64, end: i64) -> Arrival {
+        Arrival {
+            action: Action {
+                restaurant_id: u(r),
+                adv_campaign_id: u(k),
+                adv_campaign_content: "deal".into(),
+                adv_campaign_owner: None,
+                adv_campaign_owner_contact: None,
+                adv_campaign_datetime_start: start,
+                adv_campaign_datetime_end: end,
+                datetime_created: start,
+            },
+            origin: Origin {
+                partition: 0,
+                offset: k as i64,
+            },
         }
     }
 
@@ -477,13 +487,18 @@ mod tests {
         .unwrap();
         m.sent.insert((u(1), u(5), u(10)));
         let mut updated = action(1, 5, 0, 20_000);
-        updated.adv_campaign_content = "now two for one".into();
-        let again = plan(&m, &first.puts, &[updated], rules(200), None).unwrap();
+        updated.action.adv_campaign_content = "now two for one".into();
+        updated.origin = Origin {
+            partition: 2,
+            offset: 77,
+        };
+        let again = plan(&m, &first.puts, &[updated.clone()], rules(200), None).unwrap();
         assert!(again.notifications.is_empty());
         assert_eq!(again.tally.updated, 1);
         let stored = &again.puts[&(u(1), u(5))];
-        assert_eq!(stored.adv_campaign_content, "now two for one");
-        assert_eq!(stored.adv_campaign_datetime_end, 20_000);
+        assert_eq!(stored.action, updated.action);
+        // The campaign comes from the latest message that carried it.
+        assert_eq!(stored.origin, Some(updated.origin));
     }
 
     #[test]
@@ -529,12 +544,12 @@ mod tests {
         assert!(first
             .notifications
             .iter()
-            .all(|n| n.campaign.restaurant_id == u(1)));
+            .all(|n| n.campaign.action.restaurant_id == u(1)));
         let second = plan(&m, &first.puts, &[], rules(100), first.next_turn).unwrap();
         assert!(second
             .notifications
             .iter()
-            .all(|n| n.campaign.restaurant_id == u(2)));
+            .all(|n| n.campaign.action.restaurant_id == u(2)));
     }
 
     #[test]
@@ -577,7 +592,7 @@ mod tests {
         let got = late(&view, &campaigns, &markers, &rules(now)).unwrap();
         let got: Vec<(Uuid, Uuid)> = got
             .iter()
-            .map(|n| (n.campaign.adv_campaign_id, n.client_id))
+            .map(|n| (n.campaign.action.adv_campaign_id, n.client_id))
             .collect();
         // 10 is done; 11 passed 5 < 7 so its scan will reach 7; 12 was sent;
         // 13 has not started; 14 is over; client 8 unsubscribed again.

@@ -10,25 +10,44 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// What readiness is made of; each flag is set by the part it describes.
+/// What readiness is made of. Each part is set only by the component it
+/// describes, so one component succeeding never hides another failing (the
+/// consumer fetching fine says nothing of the producer).
 #[derive(Debug, Default)]
 pub struct Health {
     /// The first snapshot of the mirror is complete.
     pub mirror_loaded: AtomicBool,
-    /// The last Postgres write (or connection) succeeded.
-    pub postgres_ok: AtomicBool,
-    /// The last Kafka delivery (or connection) succeeded.
-    pub kafka_ok: AtomicBool,
     /// The input topic exists and its partitions are assigned.
     pub input_assigned: AtomicBool,
+    /// Feedback rows written to Postgres (and the sink's connection).
+    pub feedback: Component,
+    /// The change feed's reads of its replication slot.
+    pub change_feed: Component,
+    /// Push messages and dead letters produced to Kafka.
+    pub producer: Component,
+    /// The input consumer's metadata and watermark requests.
+    pub consumer: Component,
+}
+
+/// One component's last outcome.
+#[derive(Debug, Default)]
+pub struct Component {
+    failing: AtomicBool,
+}
+
+impl Component {
+    pub fn set_ok(&self, ok: bool) {
+        self.failing.store(!ok, Ordering::Relaxed);
+    }
+
+    pub fn ok(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+    }
 }
 
 impl Health {
     pub fn ready(&self) -> bool {
-        self.mirror_loaded.load(Ordering::Relaxed)
-            && self.postgres_ok.load(Ordering::Relaxed)
-            && self.kafka_ok.load(Ordering::Relaxed)
-            && self.input_assigned.load(Ordering::Relaxed)
+        self.reasons().is_empty()
     }
 
     fn reasons(&self) -> String {
@@ -36,11 +55,15 @@ impl Health {
         if !self.mirror_loaded.load(Ordering::Relaxed) {
             out.push("mirror not loaded");
         }
-        if !self.postgres_ok.load(Ordering::Relaxed) {
-            out.push("postgres unreachable");
-        }
-        if !self.kafka_ok.load(Ordering::Relaxed) {
-            out.push("kafka unreachable");
+        for (component, what) in [
+            (&self.feedback, "postgres: feedback writes failing"),
+            (&self.change_feed, "postgres: change feed failing"),
+            (&self.producer, "kafka: producing failing"),
+            (&self.consumer, "kafka: consumer cannot reach the brokers"),
+        ] {
+            if !component.ok() {
+                out.push(what);
+            }
         }
         if !self.input_assigned.load(Ordering::Relaxed) {
             out.push(
@@ -76,15 +99,17 @@ pub fn install_metrics() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves the endpoints until `shutdown` fires. Binding errors are returned at
-/// once, so a taken port is reported at start.
+/// Serves the endpoints until `stop` resolves. Binding errors are returned at
+/// once, so a taken port is reported at start; the address bound (a port 0
+/// resolved) is logged.
 pub async fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
     metrics: PrometheusHandle,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(metrics_addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -97,9 +122,6 @@ pub async fn serve(
         )
         .with_state(health);
     Ok(tokio::spawn(async move {
-        let stop = async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        };
         if let Err(error) = axum::serve(listener, app)
             .with_graceful_shutdown(stop)
             .await

@@ -19,5 +19,6 @@ pub mod pgoutput;
 pub mod pipeline;
 pub mod rebuild;
 pub mod retry;
+pub mod set_position;
 pub mod sinks;
 pub mod source;

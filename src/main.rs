@@ -47,6 +47,16 @@ enum StateCommand {
     /// Rebuild the store from Postgres: the mirror from a snapshot, the sent
     /// set from subscribers_feedback.
     Rebuild,
+    /// Move a stored input position deliberately (the service stopped): the
+    /// next message read from the partition will be OFFSET.
+    SetPosition {
+        /// The input topic's partition.
+        #[arg(long)]
+        partition: i32,
+        /// The next offset to read.
+        #[arg(long)]
+        offset: i64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,7 +83,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // One line, on stderr where the logs go too: said once.
             eprintln!("promo-fanout: {e:#}");
             ExitCode::FAILURE
         }
@@ -106,6 +116,12 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
         } => {
             let report = promo_fanout::rebuild::rebuild(&settings).await?;
             println!("{report}");
+        }
+        Command::State {
+            command: StateCommand::SetPosition { partition, offset },
+        } => {
+            let moved = promo_fanout::set_position::set_position(&settings, partition, offset)?;
+            println!("{moved}");
         }
         Command::Demo => promo_fanout::demo::demo(settings).await?,
     }

@@ -11,8 +11,9 @@ mod embedded {
 pub async fn migrate(postgres_url: &str) -> anyhow::Result<Vec<String>> {
     let mut client = postgres_connect(postgres_url).await.map_err(|e| {
         anyhow::anyhow!(
-            "cannot connect to postgres at {}: {e}",
-            crate::config::redact_url(postgres_url)
+            "cannot connect to postgres at {}: {}",
+            crate::config::redact_url(postgres_url),
+            crate::retry::postgres_text(&e)
         )
     })?;
     let report = embedded::migrations::runner()

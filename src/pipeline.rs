@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use promo_fanout_state::{Campaign, Identity, Store};
 use rdkafka::error::RDKafkaErrorCode;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::action;
 use crate::checkpoint::{Batch, Checkpoint};
@@ -34,20 +36,18 @@ const LAG_EVERY: Duration = Duration::from_secs(5);
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] promo_fanout_state::StoreError),
-    #[error("{step}: {source}")]
+    #[error("{step}: {error}")]
     Fatal {
         step: &'static str,
-        #[source]
-        source: SinkError,
+        error: SinkError,
     },
-    #[error("cannot serve metrics on {addr}: {source}")]
+    #[error("cannot serve metrics on {addr}: {error}")]
     Metrics {
         addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("kafka client: {0}")]
-    KafkaClient(#[from] rdkafka::error::KafkaError),
+    KafkaClient(rdkafka::error::KafkaError),
     #[error(transparent)]
     Start(#[from] crate::source::StartError),
     #[error(
@@ -68,7 +68,13 @@ pub enum RunError {
     )]
     CdcUnavailable(String),
     #[error("the mirror stopped: {0}")]
-    Mirror(#[source] SinkError),
+    Mirror(SinkError),
+}
+
+impl From<rdkafka::error::KafkaError> for RunError {
+    fn from(error: rdkafka::error::KafkaError) -> Self {
+        RunError::KafkaClient(error)
+    }
 }
 
 pub fn identity(settings: &Settings) -> Identity {
@@ -83,16 +89,29 @@ pub fn identity(settings: &Settings) -> Identity {
 pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
     let store = Arc::new(Store::open(settings.state_dir(), &identity(&settings))?);
     let health = Arc::new(Health::default());
+    // No task `run` starts outlives it: the tasks below are aborted when
+    // `run` returns, whichever way, and the metrics server stops on shutdown
+    // or then. (Aborting axum's server would leave its shutdown watcher.)
+    let serving = CancellationToken::new();
+    let _stop_serving = serving.clone().drop_guard();
     let server = health::serve(
         settings.metrics_addr,
         health.clone(),
         health::install_metrics(),
-        shutdown.clone(),
+        {
+            let mut shutdown = shutdown.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => {}
+                    _ = serving.cancelled() => {}
+                }
+            }
+        },
     )
     .await
-    .map_err(|source| RunError::Metrics {
+    .map_err(|error| RunError::Metrics {
         addr: settings.metrics_addr,
-        source,
+        error,
     })?;
     tracing::info!(
         state_dir = %settings.state_dir.display(),
@@ -119,7 +138,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         return Ok(());
     }
     health.mirror_loaded.store(true, Ordering::Relaxed);
-    let mut mirror_task: tokio::task::JoinHandle<Result<(), SinkError>> = match mode {
+    let mut mirror_task = AbortOnDropHandle::new(match mode {
         MirrorMode::Cdc => tokio::spawn(crate::cdc::follow(
             store.clone(),
             crate::cdc::FeedConfig::new(&settings),
@@ -138,7 +157,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
                 Ok(())
             })
         }
-    };
+    });
 
     let Some(partitions) = wait_for_topic(&settings, &source, &health, &mut shutdown).await? else {
         return Ok(());
@@ -165,6 +184,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         store: store.clone(),
         health: health.clone(),
         sent_retention: settings.sent_retention.as_secs() as i64,
+        input_topic: settings.input_topic.clone(),
     });
     let mut campaigns: BTreeMap<CampaignKey, Campaign> = store
         .campaigns()?
@@ -172,9 +192,13 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         .map(|c| (fanout::key_of(&c), c))
         .collect();
     let margin = settings.expiry_margin.as_secs() as i64;
+    let limits = action::Limits::new(
+        settings.max_message_bytes,
+        crate::sinks::producer_max_bytes(&settings),
+    );
     let mut turn = None;
     let (positions_tx, positions_rx) = watch::channel(positions.clone());
-    crate::source::report_lag(
+    let lag = crate::source::report_lag(
         &settings,
         health.clone(),
         partitions,
@@ -191,14 +215,19 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     let depth = Arc::new(Semaphore::new(settings.pipeline_depth));
     let (queue_tx, queue_rx) = mpsc::unbounded_channel::<InFlight>();
     let (recorded_tx, mut recorded_rx) = watch::channel(0u64);
-    let mut recorder = tokio::spawn(record_in_order(
+    let (refused_tx, mut refused_rx) = mpsc::unbounded_channel();
+    let mut recorder = AbortOnDropHandle::new(tokio::spawn(record_in_order(
         checkpoint.clone(),
         source.clone(),
         queue_rx,
         recorded_tx,
         positions_tx,
-    ));
+        refused_tx,
+        shutdown.clone(),
+    )));
+    let deliveries = TaskTracker::new();
     let mut planned = 0u64;
+    let mut refusals_known = 0usize;
 
     let mut more_late = false;
     let outcome = loop {
@@ -219,6 +248,11 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         if recorder.is_finished() {
             break Ok(());
         }
+        // Campaigns the sinks refused are planned no more.
+        while let Ok(key) = refused_rx.try_recv() {
+            campaigns.remove(&key);
+            refusals_known += 1;
+        }
         let now = clock::now();
         let busy = more_late
             || campaigns
@@ -238,9 +272,10 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         let now = clock::now();
         let mut batch = Batch {
             positions: positions.clone(),
+            refusals_known,
             ..Batch::default()
         };
-        let mut actions = Vec::with_capacity(messages.len());
+        let mut arrivals = Vec::with_capacity(messages.len());
         let mut fresh = 0u64;
         for m in messages {
             // A message below the stored position was already handled: the
@@ -259,8 +294,14 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
             }
             fresh += 1;
             batch.positions.insert(m.partition, m.offset + 1);
-            match action::decode(m.value.as_deref(), settings.max_message_bytes) {
-                Ok(a) => actions.push(a),
+            match action::decode(m.value.as_deref(), &limits) {
+                Ok(action) => arrivals.push(fanout::Arrival {
+                    action,
+                    origin: promo_fanout_state::Origin {
+                        partition: m.partition,
+                        offset: m.offset,
+                    },
+                }),
                 Err(invalid) => {
                     tracing::warn!(partition = m.partition, offset = m.offset, error = %invalid, "bad input; sending it to the DLQ");
                     batch.dead.push(DeadLetter {
@@ -268,8 +309,10 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
                         value: m.value,
                         error: invalid.0,
                         source_topic: settings.input_topic.clone(),
-                        source_partition: m.partition,
-                        source_offset: m.offset,
+                        origin: Some(promo_fanout_state::Origin {
+                            partition: m.partition,
+                            offset: m.offset,
+                        }),
                     });
                 }
             }
@@ -301,7 +344,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
             retention: settings.sent_retention.as_secs() as i64,
             budget: settings.chunk_size,
         };
-        batch.plan = fanout::plan(&*store, &campaigns, &actions, rules, turn)?;
+        batch.plan = fanout::plan(&*store, &campaigns, &arrivals, rules, turn)?;
         // Subscribers the mirror saw arrive, against the campaigns as they
         // stood before this batch (the plan's own scans cover the rest).
         batch.late = markers;
@@ -339,7 +382,9 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         let delivery = {
             let (checkpoint, batch, shutdown) =
                 (checkpoint.clone(), batch.clone(), shutdown.clone());
-            tokio::spawn(async move { checkpoint.deliver(&batch, &shutdown).await })
+            AbortOnDropHandle::new(
+                deliveries.spawn(async move { checkpoint.deliver(&batch, &shutdown).await }),
+            )
         };
         let sent = queue_tx.send(InFlight {
             batch,
@@ -357,23 +402,31 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     // Batches in flight are delivered and recorded before the recorder ends,
     // unless an outage is under way at shutdown (they are then replayed).
     drop(queue_tx);
-    mirror_task.abort();
-    if let Err(error) = outcome {
+    if !mirror_task.is_finished() {
+        mirror_task.abort();
+        let _ = (&mut mirror_task).await;
+    }
+    if outcome.is_err() {
         // Not a shutdown: the deliveries in flight may wait on an outage that
         // nobody will end. Leave them to be replayed.
         recorder.abort();
-        return Err(error);
     }
-    let recorded = (&mut recorder).await.expect("the recorder does not panic");
-    match recorded {
+    let recorded = (&mut recorder).await;
+    // The recorder is done, and with it every delivery it had not awaited
+    // (aborted as its queue was dropped): wait until they have all ended.
+    deliveries.close();
+    deliveries.wait().await;
+    lag.stop().await;
+    outcome?;
+    match recorded.expect("the recorder does not panic") {
         Ok(()) => {}
         Err(Stopped::Shutdown) => {
             tracing::info!("shutdown during an outage: the batches in flight are left unrecorded and will be replayed");
         }
-        Err(Stopped::Fatal(source)) => {
+        Err(Stopped::Fatal(error)) => {
             return Err(RunError::Fatal {
                 step: "commit",
-                source,
+                error,
             })
         }
     }
@@ -388,7 +441,8 @@ const STUCK_DELIVERY: Duration = Duration::from_secs(15);
 /// A batch planned and on its way to the sinks.
 struct InFlight {
     batch: Arc<Batch>,
-    delivery: tokio::task::JoinHandle<Result<(), Stopped>>,
+    /// Aborted if dropped before it is awaited (the recorder stopped).
+    delivery: AbortOnDropHandle<Result<crate::sinks::Refusals, Stopped>>,
     started: Instant,
     fresh: u64,
     late: u64,
@@ -405,7 +459,10 @@ async fn record_in_order(
     mut queue: mpsc::UnboundedReceiver<InFlight>,
     recorded: watch::Sender<u64>,
     positions: watch::Sender<BTreeMap<i32, i64>>,
+    refused: mpsc::UnboundedSender<CampaignKey>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), Stopped> {
+    let mut log = crate::checkpoint::RefusalLog::default();
     while let Some(mut f) = queue.recv().await {
         // A sink that fails is retried and logged by the delivery itself; one
         // that neither answers nor fails would be silent, so say so here.
@@ -420,8 +477,15 @@ async fn record_in_order(
                 ),
             }
         };
-        delivered?;
-        checkpoint.record(&f.batch, &source, f.started).await?;
+        let newly = checkpoint
+            .record(
+                &f.batch, delivered?, &mut log, &source, f.started, &shutdown,
+            )
+            .await?;
+        for key in newly {
+            // The planner is gone only when the service is stopping.
+            let _ = refused.send(key);
+        }
         recorded.send_modify(|r| *r += 1);
         positions.send_replace(f.batch.positions.clone());
 
@@ -472,7 +536,7 @@ async fn connect_postgres(
             result
         },
         shutdown,
-        |ok| health.postgres_ok.store(ok, Ordering::Relaxed),
+        |ok| health.feedback.set_ok(ok),
     );
     match tokio::time::timeout(settings.startup_timeout, attempts).await {
         Err(_elapsed) => Err(RunError::Unreachable {
@@ -482,9 +546,9 @@ async fn connect_postgres(
         }),
         Ok(Ok(sink)) => Ok(Some(sink)),
         Ok(Err(Stopped::Shutdown)) => Ok(None),
-        Ok(Err(Stopped::Fatal(source))) => Err(RunError::Fatal {
+        Ok(Err(Stopped::Fatal(error))) => Err(RunError::Fatal {
             step: "postgres connect",
-            source,
+            error,
         }),
     }
 }
@@ -523,10 +587,10 @@ async fn mirror_mode(
     let missing = match checked {
         Ok(m) => m,
         Err(Stopped::Shutdown) => return Ok(None),
-        Err(Stopped::Fatal(source)) => {
+        Err(Stopped::Fatal(error)) => {
             return Err(RunError::Fatal {
                 step: "change feed check",
-                source,
+                error,
             })
         }
     };
@@ -596,9 +660,9 @@ async fn load_mirror(
             Ok(true)
         }
         Err(Stopped::Shutdown) => Ok(false),
-        Err(Stopped::Fatal(source)) => Err(RunError::Fatal {
+        Err(Stopped::Fatal(error)) => Err(RunError::Fatal {
             step: "mirror snapshot",
-            source,
+            error,
         }),
     }
 }
@@ -632,7 +696,7 @@ async fn wait_for_topic(
             if let Err(e) = &result {
                 *last_error.lock().expect("not poisoned") = e.to_string();
             }
-            health.kafka_ok.store(answered, Ordering::Relaxed);
+            health.consumer.set_ok(answered);
             result
         },
         shutdown,
@@ -656,9 +720,9 @@ async fn wait_for_topic(
     match outcome {
         Ok(p) => Ok(Some(p)),
         Err(Stopped::Shutdown) => Ok(None),
-        Err(Stopped::Fatal(source)) => Err(RunError::Fatal {
+        Err(Stopped::Fatal(error)) => Err(RunError::Fatal {
             step: "input topic metadata",
-            source,
+            error,
         }),
     }
 }

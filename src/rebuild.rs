@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{pin_mut, TryStreamExt};
-use promo_fanout_state::{Campaign, Commit, Progress, Store};
+use promo_fanout_state::{Action, Campaign, Commit, Progress, Store};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use uuid::Uuid;
 
@@ -86,15 +86,18 @@ pub async fn rebuild(settings: &Settings) -> anyhow::Result<Report> {
         if last != Some((r, k)) {
             last = Some((r, k));
             commit.put_campaign(&Campaign {
-                restaurant_id: r,
-                adv_campaign_id: k,
-                adv_campaign_content: row.get(3),
-                adv_campaign_owner: row.get(4),
-                adv_campaign_owner_contact: row.get(5),
-                adv_campaign_datetime_start: row.get(6),
-                adv_campaign_datetime_end: end,
-                datetime_created: row.get(8),
+                action: Action {
+                    restaurant_id: r,
+                    adv_campaign_id: k,
+                    adv_campaign_content: row.get(3),
+                    adv_campaign_owner: row.get(4),
+                    adv_campaign_owner_contact: row.get(5),
+                    adv_campaign_datetime_start: row.get(6),
+                    adv_campaign_datetime_end: end,
+                    datetime_created: row.get(8),
+                },
                 progress: Progress::NotStarted,
+                origin: None,
             });
             report.campaigns += 1;
         }

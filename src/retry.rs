@@ -1,27 +1,35 @@
-//! Which failures are retried, decided in one place, and the backoff they are
+//! What a failure means, decided in one place ([`classify`]): an outage to
+//! wait out, data a sink refuses (isolated and dead-lettered by the sink's
+//! caller), or a mistake that stops the service. And the backoff outages are
 //! retried with.
 
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use tokio_postgres::error::SqlState;
 
-/// A sink or source operation that failed.
+/// A sink or source operation that failed. Each variant's text includes its
+/// cause's, so a log line or the one line `main` prints says everything once.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("postgres: {0}")]
-    Postgres(#[source] tokio_postgres::Error),
+    #[error("postgres: {}", postgres_text(.0))]
+    Postgres(tokio_postgres::Error),
     #[error("kafka: {0}")]
-    Kafka(#[source] KafkaError),
+    Kafka(KafkaError),
     #[error("state store: {0}")]
-    Store(#[from] promo_fanout_state::StoreError),
+    Store(promo_fanout_state::StoreError),
     /// The change feed said something this build cannot apply.
     #[error("change feed: {0}")]
     Feed(String),
     /// A setup that waiting cannot fix.
     #[error("{0}")]
     Config(String),
+}
+
+impl From<promo_fanout_state::StoreError> for SinkError {
+    fn from(error: promo_fanout_state::StoreError) -> Self {
+        SinkError::Store(error)
+    }
 }
 
 impl SinkError {
@@ -36,42 +44,153 @@ impl SinkError {
     }
 }
 
-/// Whether waiting and trying again can make `error` go away. Outages
-/// (connections refused or cut, brokers down, timeouts, overload) can; a
-/// missing table, a refused authorization or a message too large cannot, and
-/// stop the service with the error instead of spinning forever.
-pub fn is_retryable(error: &SinkError) -> bool {
+/// A Postgres error in one line: the server's severity, SQLSTATE, message
+/// and detail, or the client's own description and its causes.
+pub fn postgres_text(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(" ({detail})"));
+        }
+        return text;
+    }
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// What to do about a failed operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// An outage (a connection lost, a timeout, overload, a conflict between
+    /// transactions): wait and try again; nothing is given up.
+    Retry,
+    /// The sink refuses what is in the data: never retried as it is. A sink
+    /// isolates the action(s) it refuses and dead-letters them; anywhere
+    /// else it stops the service like [`Disposition::Fatal`].
+    Refuse,
+    /// A mistake waiting cannot fix (a missing table, authentication,
+    /// authorization, configuration): the service stops with one line.
+    Fatal,
+}
+
+/// The one place that decides whether a failure is retried.
+pub fn classify(error: &SinkError) -> Disposition {
     match error {
         SinkError::Postgres(e) => match e.code() {
-            // No SQLSTATE: the connection itself failed or was closed.
-            None => true,
-            Some(code) => {
-                let class = &code.code()[..2];
-                matches!(class, "08" | "53" | "57" | "58" | "40")
-                    || *code == SqlState::LOCK_NOT_AVAILABLE
-                    // A replication slot still held by the server backend of
-                    // a predecessor killed mid-query: it lets go shortly.
-                    || *code == SqlState::OBJECT_IN_USE
-            }
+            Some(code) => classify_sqlstate(code.code()),
+            // No SQLSTATE: the client's own error (connection, encoding).
+            None => classify_postgres_client(e),
         },
-        SinkError::Kafka(e) => !matches!(
-            e.rdkafka_error_code(),
-            Some(
-                RDKafkaErrorCode::MessageSizeTooLarge
-                    | RDKafkaErrorCode::InvalidMessageSize
-                    | RDKafkaErrorCode::TopicAuthorizationFailed
-                    | RDKafkaErrorCode::ClusterAuthorizationFailed
-                    | RDKafkaErrorCode::GroupAuthorizationFailed
-                    | RDKafkaErrorCode::SaslAuthenticationFailed
-                    | RDKafkaErrorCode::Authentication
-                    | RDKafkaErrorCode::InvalidTopic
-                    | RDKafkaErrorCode::InvalidConfig
-                    | RDKafkaErrorCode::InvalidArgument
-            )
-        ),
+        SinkError::Kafka(e) => match e.rdkafka_error_code() {
+            Some(code) => classify_kafka(code),
+            // The client was dropped, or a local I/O error: an outage.
+            None => match e {
+                KafkaError::ClientCreation(_) | KafkaError::Nul(_) => Disposition::Fatal,
+                _ => Disposition::Retry,
+            },
+        },
         // The local disk failing is not an outage that passes; nor is a feed
         // this build cannot read, or a setup mistake.
-        SinkError::Store(_) | SinkError::Feed(_) | SinkError::Config(_) => false,
+        SinkError::Store(_) | SinkError::Feed(_) | SinkError::Config(_) => Disposition::Fatal,
+    }
+}
+
+/// Postgres errors by SQLSTATE (README, "What a failure means").
+pub fn classify_sqlstate(code: &str) -> Disposition {
+    use Disposition::*;
+    match code {
+        // Lock not available, object in use (a replication slot still held
+        // by the backend of a killed predecessor), a read-only transaction
+        // (a connection that reached a standby during a failover).
+        "55P03" | "55006" | "25006" => return Retry,
+        _ => {}
+    }
+    match code.get(..2).unwrap_or("") {
+        // Connection exception, insufficient resources, operator
+        // intervention (57P01 admin shutdown, 57014 canceled), system
+        // error, transaction rollback (40001 serialization, 40P01 deadlock).
+        "08" | "53" | "57" | "58" | "40" => Retry,
+        // Data exception, integrity constraint violation, program limit
+        // exceeded (a row too big), and a trigger's own RAISE (PL/pgSQL).
+        "22" | "23" | "54" | "P0" => Refuse,
+        // Authorization, missing objects, syntax, privileges, features,
+        // internal errors and anything unknown: a person must look.
+        _ => Fatal,
+    }
+}
+
+/// The Postgres client's own errors, which carry no SQLSTATE; told apart by
+/// tokio-postgres's description of its kind.
+fn classify_postgres_client(error: &tokio_postgres::Error) -> Disposition {
+    if error.is_closed() {
+        return Disposition::Retry;
+    }
+    classify_postgres_client_text(&error.to_string())
+}
+
+fn classify_postgres_client_text(text: &str) -> Disposition {
+    const OUTAGE: [&str; 7] = [
+        "error communicating with the server",
+        "error connecting to server",
+        "connection closed",
+        "timeout waiting for server",
+        "unexpected message from server",
+        "error parsing response from server",
+        "error encoding message to server",
+    ];
+    if OUTAGE.iter().any(|p| text.starts_with(p)) {
+        Disposition::Retry
+    } else if text.starts_with("error serializing parameter") {
+        // A value the client cannot encode: the data, not an outage.
+        Disposition::Refuse
+    } else {
+        // TLS, authentication, configuration, an unexpected column type.
+        Disposition::Fatal
+    }
+}
+
+/// Kafka errors by code, from a delivery report or a client call.
+pub fn classify_kafka(code: RDKafkaErrorCode) -> Disposition {
+    use Disposition::*;
+    use RDKafkaErrorCode as C;
+    match code {
+        // The record itself: too large, or refused by the broker's checks.
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::MessageBatchTooLarge
+        | C::InvalidRecord
+        | C::InvalidTimestamp
+        | C::KeySerialization
+        | C::ValueSerialization => Refuse,
+        // Authentication, authorization and configuration; a producer
+        // librdkafka has declared unusable.
+        C::TopicAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::GroupAuthorizationFailed
+        | C::TransactionalIdAuthorizationFailed
+        | C::SaslAuthenticationFailed
+        | C::UnsupportedSASLMechanism
+        | C::Authentication
+        | C::SSL
+        | C::InvalidTopic
+        | C::InvalidConfig
+        | C::InvalidArgument
+        | C::InvalidRequiredAcks
+        | C::UnsupportedCompressionType
+        | C::UnsupportedVersion
+        | C::Fatal => Fatal,
+        // Timeouts, transport, leadership, replicas, a full queue, a topic
+        // not (yet) known: outages.
+        _ => Retry,
     }
 }
 
@@ -87,33 +206,6 @@ pub fn backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_a_cap_and_never_ends() {
-        let delays: Vec<Duration> = backoff().take(40).collect();
-        assert_eq!(delays.len(), 40);
-        assert!(delays[0] < Duration::from_millis(250));
-        // With jitter a delay may reach twice the cap at most.
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(20)));
-        assert!(delays[39] >= Duration::from_secs(10));
-    }
-
-    #[test]
-    fn outages_are_retried_and_mistakes_are_not() {
-        let timeout = SinkError::Kafka(KafkaError::MessageProduction(
-            RDKafkaErrorCode::MessageTimedOut,
-        ));
-        assert!(is_retryable(&timeout));
-        let too_big = SinkError::Kafka(KafkaError::MessageProduction(
-            RDKafkaErrorCode::MessageSizeTooLarge,
-        ));
-        assert!(!is_retryable(&too_big));
-    }
-}
-
 /// Why a retried operation stopped without succeeding.
 #[derive(Debug, thiserror::Error)]
 pub enum Stopped {
@@ -123,9 +215,10 @@ pub enum Stopped {
     Fatal(#[from] SinkError),
 }
 
-/// Runs `op` until it succeeds, waiting out retryable failures with
-/// [`backoff`]; `on_failure` and `on_success` let the caller report readiness.
-/// Returns early on shutdown or on an error that retrying cannot fix.
+/// Runs `op` until it succeeds, waiting out outages with [`backoff`];
+/// `on_change` lets the caller report readiness. Returns early on shutdown or
+/// on an error that retrying cannot fix (a refusal included: a caller that
+/// can isolate refused data does so inside `op`).
 pub async fn until_done<T, F, Fut>(
     what: &'static str,
     mut op: F,
@@ -143,7 +236,7 @@ where
                 on_change(true);
                 return Ok(v);
             }
-            Err(error) if is_retryable(&error) => {
+            Err(error) if classify(&error) == Disposition::Retry => {
                 on_change(false);
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
                 metrics::counter!("promo_fanout_retries_total", "cause" => error.cause())
@@ -159,5 +252,147 @@ where
                 return Err(Stopped::Fatal(error));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Disposition::*;
+
+    #[test]
+    fn backoff_grows_to_a_cap_and_never_ends() {
+        let delays: Vec<Duration> = backoff().take(40).collect();
+        assert_eq!(delays.len(), 40);
+        assert!(delays[0] < Duration::from_millis(250));
+        // With jitter a delay may reach twice the cap at most.
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(20)));
+        assert!(delays[39] >= Duration::from_secs(10));
+    }
+
+    #[test]
+    fn sqlstates_by_class() {
+        let cases = [
+            // 08: connection exception.
+            ("08006", Retry),
+            ("08001", Retry),
+            // 22: data exception (NUL in text, timestamp out of range, too long).
+            ("22021", Refuse),
+            ("22008", Refuse),
+            ("22001", Refuse),
+            // 23: integrity constraint violation (check, not null, unique, fk).
+            ("23514", Refuse),
+            ("23502", Refuse),
+            ("23505", Refuse),
+            ("23503", Refuse),
+            // 25: invalid transaction state; a read-only standby is an outage.
+            ("25006", Retry),
+            ("25P02", Fatal),
+            // 28: invalid authorization.
+            ("28P01", Fatal),
+            ("28000", Fatal),
+            // 3D: no such database.
+            ("3D000", Fatal),
+            // 40: transaction rollback.
+            ("40001", Retry),
+            ("40P01", Retry),
+            // 42: syntax or access rule (missing table, privileges).
+            ("42P01", Fatal),
+            ("42501", Fatal),
+            ("42703", Fatal),
+            // 53: insufficient resources.
+            ("53300", Retry),
+            ("53100", Retry),
+            // 54: program limit exceeded (a row too big).
+            ("54000", Refuse),
+            // 55: object not in prerequisite state; locks and busy slots wait.
+            ("55P03", Retry),
+            ("55006", Retry),
+            ("55000", Fatal),
+            // 57: operator intervention.
+            ("57P01", Retry),
+            ("57014", Retry),
+            ("57P03", Retry),
+            // 58: system error.
+            ("58030", Retry),
+            // P0: a trigger's RAISE.
+            ("P0001", Refuse),
+            // XX: internal error, corruption.
+            ("XX000", Fatal),
+            ("XX001", Fatal),
+            // 0A: feature not supported.
+            ("0A000", Fatal),
+        ];
+        for (code, expected) in cases {
+            assert_eq!(classify_sqlstate(code), expected, "SQLSTATE {code}");
+        }
+    }
+
+    #[test]
+    fn postgres_client_errors_are_outages_or_not() {
+        let cases = [
+            ("error communicating with the server: Broken pipe", Retry),
+            ("error connecting to server: Connection refused", Retry),
+            ("connection closed", Retry),
+            ("timeout waiting for server", Retry),
+            ("error serializing parameter 5: value too large", Refuse),
+            ("error deserializing column 0: bad type", Fatal),
+            ("error performing TLS handshake: invalid certificate", Fatal),
+            ("invalid configuration: host missing", Fatal),
+            ("authentication error: password missing", Fatal),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(classify_postgres_client_text(text), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn kafka_codes() {
+        use RDKafkaErrorCode as C;
+        let cases = [
+            (C::MessageSizeTooLarge, Refuse),
+            (C::InvalidMessageSize, Refuse),
+            (C::MessageBatchTooLarge, Refuse),
+            (C::InvalidRecord, Refuse),
+            (C::InvalidTimestamp, Refuse),
+            (C::MessageTimedOut, Retry),
+            (C::RequestTimedOut, Retry),
+            (C::BrokerTransportFailure, Retry),
+            (C::AllBrokersDown, Retry),
+            (C::LeaderNotAvailable, Retry),
+            (C::NotLeaderForPartition, Retry),
+            (C::NotEnoughReplicas, Retry),
+            (C::NotEnoughReplicasAfterAppend, Retry),
+            (C::NetworkException, Retry),
+            (C::QueueFull, Retry),
+            (C::UnknownTopicOrPartition, Retry),
+            (C::ThrottlingQuotaExceeded, Retry),
+            (C::TopicAuthorizationFailed, Fatal),
+            (C::ClusterAuthorizationFailed, Fatal),
+            (C::SaslAuthenticationFailed, Fatal),
+            (C::Authentication, Fatal),
+            (C::SSL, Fatal),
+            (C::InvalidConfig, Fatal),
+            (C::UnsupportedCompressionType, Fatal),
+            (C::Fatal, Fatal),
+        ];
+        for (code, expected) in cases {
+            assert_eq!(classify_kafka(code), expected, "{code:?}");
+            let error = SinkError::Kafka(KafkaError::MessageProduction(code));
+            assert_eq!(classify(&error), expected, "{code:?} in an error");
+        }
+        assert_eq!(classify(&SinkError::Kafka(KafkaError::Canceled)), Retry);
+    }
+
+    #[test]
+    fn errors_say_each_cause_once() {
+        let e = SinkError::Kafka(KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge,
+        ));
+        let line = format!("{:#}", anyhow::Error::new(e));
+        let segments: Vec<&str> = line.split(": ").collect();
+        let distinct: std::collections::BTreeSet<&str> = segments.iter().copied().collect();
+        assert_eq!(segments.len(), distinct.len(), "{line}");
+        assert!(line.contains("Message size too large"), "{line}");
     }
 }

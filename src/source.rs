@@ -34,7 +34,13 @@ pub enum StartError {
         low: i64,
     },
     #[error("reading the input topic's offsets: {0}")]
-    Kafka(#[from] KafkaError),
+    Kafka(KafkaError),
+}
+
+impl From<KafkaError> for StartError {
+    fn from(error: KafkaError) -> Self {
+        StartError::Kafka(error)
+    }
 }
 
 /// One input message, detached from the consumer.
@@ -261,41 +267,68 @@ impl Source {
 /// Publishes the consumer lag per partition (high watermark minus the stored
 /// position; from the low watermark where none is stored yet) every `every`.
 /// Watermarks are network round trips, so this runs on a thread and client of
-/// its own instead of in the batch loop. It stops once the sender of
-/// `positions` is dropped.
+/// its own instead of in the batch loop, until the returned [`LagReporter`]
+/// is stopped or dropped.
 pub fn report_lag(
     settings: &Settings,
     health: std::sync::Arc<crate::health::Health>,
     partitions: Vec<i32>,
     positions: watch::Receiver<BTreeMap<i32, i64>>,
     every: Duration,
-) -> Result<(), KafkaError> {
+) -> Result<LagReporter, KafkaError> {
     let consumer: BaseConsumer = kafka_config(settings)
         .set("group.id", &settings.group_id)
         .create()?;
     let topic = settings.input_topic.clone();
-    std::thread::Builder::new()
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
         .name("consumer-lag".into())
-        .spawn(move || {
-            while positions.has_changed().is_ok() {
-                let current = positions.borrow().clone();
-                for p in &partitions {
-                    // Doubles as the broker's health check while no batch
-                    // is being delivered.
-                    let answer = consumer.fetch_watermarks(&topic, *p, Duration::from_secs(2));
-                    health
-                        .kafka_ok
-                        .store(answer.is_ok(), std::sync::atomic::Ordering::Relaxed);
-                    let Ok((low, high)) = answer else {
-                        continue;
-                    };
-                    let next = current.get(p).copied().unwrap_or(low);
-                    metrics::gauge!("promo_fanout_consumer_lag", "partition" => p.to_string())
-                        .set((high - next).max(0) as f64);
+        .spawn(move || loop {
+            let current = positions.borrow().clone();
+            for p in &partitions {
+                if stopped.try_recv() != Err(std::sync::mpsc::TryRecvError::Empty) {
+                    return;
                 }
-                std::thread::sleep(every);
+                // Doubles as the broker's health check while no batch is
+                // being delivered.
+                let answer = consumer.fetch_watermarks(&topic, *p, Duration::from_secs(2));
+                health.consumer.set_ok(answer.is_ok());
+                let Ok((low, high)) = answer else {
+                    continue;
+                };
+                let next = current.get(p).copied().unwrap_or(low);
+                metrics::gauge!("promo_fanout_consumer_lag", "partition" => p.to_string())
+                    .set((high - next).max(0) as f64);
+            }
+            if stopped.recv_timeout(every) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                return;
             }
         })
         .expect("the consumer-lag thread starts");
-    Ok(())
+    Ok(LagReporter {
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+/// The consumer-lag thread: told to stop when dropped.
+pub struct LagReporter {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LagReporter {
+    /// Stops the thread and waits for it (at most one watermark request).
+    pub async fn stop(mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for LagReporter {
+    fn drop(&mut self) {
+        self.stop.take();
+    }
 }

@@ -191,3 +191,41 @@ fn an_unreachable_broker_stops_the_start_with_one_line() {
         "{err}"
     );
 }
+
+/// A failure says each cause once: one line from `promo-fanout:`, no part of
+/// it repeated, and the log does not say it again.
+#[test]
+fn a_fatal_error_says_each_cause_once() {
+    let db = common::Db::new();
+    let state = tempfile::tempdir().unwrap();
+    let missing = db.url.replace(&db.name, "pf_no_such_database");
+    for (url, cause) in [
+        (&missing, r#"database "pf_no_such_database" does not exist"#),
+        (
+            &db.url,
+            r#"relation "subscribers_restaurants" does not exist"#,
+        ),
+    ] {
+        // No such database; a database without the tables (migrate not run).
+        let o = run(
+            &[
+                "run",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--state-dir",
+                state.path().to_str().unwrap(),
+                "--postgres-url",
+                url,
+            ],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let all = stderr(&o);
+        assert_eq!(all.matches(cause).count(), 1, "said once: {all}");
+        let line = all.lines().find(|l| l.contains(cause)).unwrap();
+        assert!(line.starts_with("promo-fanout: "), "{all}");
+        let parts: Vec<&str> = line.split(": ").collect();
+        let distinct: std::collections::BTreeSet<&str> = parts.iter().copied().collect();
+        assert_eq!(parts.len(), distinct.len(), "a part repeated: {line}");
+    }
+}

@@ -82,6 +82,12 @@ fn a_postgres_outage_is_waited_out() {
     });
     let mut push = Reader::new(&topics.output);
     push.until(20, WAIT);
+    push.drain(Duration::from_secs(1));
+    assert_eq!(
+        push.seen.len(),
+        20,
+        "every push message once: none repeated"
+    );
     assert!(service.stop().success());
 }
 
@@ -140,6 +146,12 @@ fn a_kafka_outage_is_waited_out() {
             service.child.try_wait().unwrap().is_none(),
             "the service keeps running"
         );
+        // The consumer fetches and the lag thread's watermarks succeed all
+        // along; the producer's failures alone keep the service unready.
+        let (status, body) = service.get("/readyz").unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("kafka: producing failing"), "{body}");
+        assert!(!body.contains("consumer"), "{body}");
     });
 
     mock.topic_error(&topics.output, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
@@ -149,6 +161,14 @@ fn a_kafka_outage_is_waited_out() {
     });
     service.wait_ready();
     assert_eq!(db.feedback_count(), 10);
+    let mut push = Reader::on(&mock.bootstrap_servers(), &topics.output);
+    push.until(10, WAIT);
+    push.drain(Duration::from_secs(1));
+    assert_eq!(
+        push.seen.len(),
+        10,
+        "every push message once: none repeated"
+    );
     assert!(service.stop().success());
 }
 
@@ -208,11 +228,17 @@ fn a_frozen_broker_is_waited_out() {
     assert_eq!(db.feedback_count(), 10_000);
     let mut push = Reader::on(&broker.addr, &topics.output);
     push.until(10_000, WAIT);
+    push.drain(Duration::from_secs(1));
     let distinct: std::collections::BTreeSet<_> = push.seen.iter().map(|m| m.key.clone()).collect();
     assert_eq!(
         distinct.len(),
         10_000,
         "every subscriber is on the push topic"
+    );
+    assert_eq!(
+        push.seen.len(),
+        10_000,
+        "every push message once: none repeated"
     );
     assert!(service.stop().success());
 }

@@ -253,3 +253,71 @@ fn latest_skips_to_the_end_of_the_partition() {
     assert_eq!(input_positions(gap.dir.path()), vec![(0, 1 + 40 + 1 + 1)]);
     assert!(service.stop().success());
 }
+
+/// An operator's way past a message: with the service stopped, `state
+/// set-position` moves the stored position, says what it skips, refuses
+/// while the service holds the store, and the restarted service starts there.
+#[test]
+fn set_position_steps_over_a_message_deliberately() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let (r, client) = (Uuid::new_v4(), Uuid::new_v4());
+    db.subscribe(r, client);
+    let settings = Service::settings(&db, &topics, state.path());
+    let set_position = |offset: &str| {
+        let mut args: Vec<String> = ["state", "set-position", "--partition", "0", "--offset"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(offset.into());
+        args.extend(settings.iter().cloned());
+        std::process::Command::new(BIN)
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+
+    let mut service = Service::start(&db, &topics, state.path(), &[]);
+    let p = Producer::new();
+    let (k_first, k_skipped, k_after) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    p.send_action(&topics.input, &live_action(r, k_first));
+    wait_for("the first action", WAIT, || {
+        (input_positions(state.path()) == vec![(0, 1)]).then_some(())
+    });
+    let held = set_position("2");
+    assert_eq!(held.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&held.stderr);
+    assert!(said.contains("held by another process"), "{said}");
+    assert!(service.stop().success());
+
+    p.send_action(&topics.input, &live_action(r, k_skipped));
+    p.send_action(&topics.input, &live_action(r, k_after));
+    let moved = set_position("2");
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    let said = String::from_utf8_lossy(&moved.stdout);
+    assert!(
+        said.contains(&format!(
+            "{} partition 0: position 1 -> 2; skips 1 message(s), offsets 1 to 1",
+            topics.input
+        )),
+        "{said}"
+    );
+    assert_eq!(input_positions(state.path()), vec![(0, 2)]);
+
+    service.restart();
+    wait_for("the action after the skipped one", WAIT, || {
+        (feedback_of(&db, k_after) == 1).then_some(())
+    });
+    assert_eq!(feedback_of(&db, k_first), 1);
+    assert_eq!(
+        feedback_of(&db, k_skipped),
+        0,
+        "the skipped message is not processed"
+    );
+    assert!(service.stop().success());
+}

@@ -1,17 +1,24 @@
 //! The push topic and the dead-letter topic: an idempotent producer with
-//! `acks=all`, and every delivery report awaited before a batch counts as sent.
+//! `acks=all`, and every delivery report awaited before a batch counts as
+//! sent. A record the broker acknowledged is never produced again (short of
+//! a crash); a dead letter is always written, without its bytes if they are
+//! too large.
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use promo_fanout_state::Origin;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::action::Action;
 use crate::config::Settings;
-use crate::fanout::Notification;
-use crate::retry::SinkError;
+use crate::fanout::{key_of, CampaignKey, Notification};
+use crate::retry::{classify, Disposition, SinkError};
+use crate::sinks::Refusals;
 
 /// The client configuration shared by the consumer and the producer: brokers
 /// plus every passed-through `kafka.*` property.
@@ -24,46 +31,265 @@ pub fn kafka_config(settings: &Settings) -> ClientConfig {
     config
 }
 
-/// A bad input message on its way to the DLQ, bytes unchanged.
+/// A message on its way to the DLQ: the original key and value bytes,
+/// unchanged, and why.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub error: String,
     pub source_topic: String,
-    pub source_partition: i32,
-    pub source_offset: i64,
+    /// The input message it came from; `None` for a campaign stored before
+    /// origins were kept.
+    pub origin: Option<Origin>,
 }
 
-/// The push message's JSON shape.
+/// How much of a dead letter's `error` header is kept: a sink's error can
+/// quote a whole row.
+const MAX_ERROR_HEADER: usize = 4096;
+
+impl DeadLetter {
+    fn headers(&self) -> Vec<(&'static str, Vec<u8>)> {
+        let mut error = self.error.as_str();
+        if error.len() > MAX_ERROR_HEADER {
+            let mut end = MAX_ERROR_HEADER;
+            while !error.is_char_boundary(end) {
+                end -= 1;
+            }
+            error = &error[..end];
+        }
+        let mut headers = vec![
+            ("error", error.as_bytes().to_vec()),
+            ("source_topic", self.source_topic.as_bytes().to_vec()),
+        ];
+        if let Some(o) = self.origin {
+            headers.push(("source_partition", o.partition.to_string().into_bytes()));
+            headers.push(("source_offset", o.offset.to_string().into_bytes()));
+        }
+        headers
+    }
+}
+
+/// The push message's JSON shape: the action's fields, the client, and when
+/// the notification was made.
 #[derive(Debug, Serialize)]
 pub struct PushMessage<'a> {
-    pub restaurant_id: Uuid,
-    pub adv_campaign_id: Uuid,
-    pub adv_campaign_content: &'a str,
-    pub adv_campaign_owner: Option<&'a str>,
-    pub adv_campaign_owner_contact: Option<&'a str>,
-    pub adv_campaign_datetime_start: i64,
-    pub adv_campaign_datetime_end: i64,
-    pub datetime_created: i64,
+    #[serde(flatten)]
+    pub action: &'a Action,
     pub client_id: Uuid,
     pub trigger_datetime_created: i64,
 }
 
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// The producer's `message.max.bytes`: the passed-through property, else
+/// librdkafka's default.
+pub fn producer_max_bytes(settings: &Settings) -> usize {
+    settings
+        .kafka
+        .get("message.max.bytes")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
+}
+
+/// The length of `action`'s push message with the longest client id and
+/// trigger time: what the decoder holds against the producer's limit.
+pub fn push_message_len(action: &Action) -> usize {
+    let message = PushMessage {
+        action,
+        client_id: Uuid::max(),
+        trigger_datetime_created: i64::MIN,
+    };
+    let mut counter = ByteCount(0);
+    serde_json::to_writer(&mut counter, &message).expect("a push message always serializes");
+    counter.0
+}
+
+/// A writer that only counts.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl<'a> From<&'a Notification> for PushMessage<'a> {
     fn from(n: &'a Notification) -> Self {
-        let c = &n.campaign;
         PushMessage {
-            restaurant_id: c.restaurant_id,
-            adv_campaign_id: c.adv_campaign_id,
-            adv_campaign_content: &c.adv_campaign_content,
-            adv_campaign_owner: c.adv_campaign_owner.as_deref(),
-            adv_campaign_owner_contact: c.adv_campaign_owner_contact.as_deref(),
-            adv_campaign_datetime_start: c.adv_campaign_datetime_start,
-            adv_campaign_datetime_end: c.adv_campaign_datetime_end,
-            datetime_created: c.datetime_created,
+            action: &n.campaign.action,
             client_id: n.client_id,
             trigger_datetime_created: n.trigger_datetime_created,
+        }
+    }
+}
+
+/// One record on its way to a topic.
+#[derive(Debug, Clone)]
+struct Record {
+    topic_is_dlq: bool,
+    /// The campaign of a push message, to name in a refusal.
+    campaign: Option<CampaignKey>,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl Record {
+    /// The record without its value, then without its key as well, with
+    /// headers that say what was left out: for a dead letter too large for
+    /// the DLQ. `None` once there is nothing left to leave out.
+    fn without_payload(&self) -> Option<Record> {
+        let (part, bytes) = match (&self.value, &self.key) {
+            (Some(v), _) => ("value", v),
+            (None, Some(k)) => ("key", k),
+            (None, None) => return None,
+        };
+        let mut smaller = self.clone();
+        smaller.headers.extend([
+            (
+                if part == "value" {
+                    "value_omitted_bytes"
+                } else {
+                    "key_omitted_bytes"
+                },
+                bytes.len().to_string().into_bytes(),
+            ),
+            (
+                if part == "value" {
+                    "value_omitted_sha256"
+                } else {
+                    "key_omitted_sha256"
+                },
+                hex(&Sha256::digest(bytes)).into_bytes(),
+            ),
+        ]);
+        if part == "value" {
+            smaller.value = None;
+        } else {
+            smaller.key = None;
+        }
+        Some(smaller)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What became of a record so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fate {
+    Pending,
+    Acknowledged,
+    /// The broker or the client refuses the record for what is in it.
+    Refused(String),
+}
+
+/// A batch's records and what became of each: produced again by
+/// [`KafkaSink::send`] only while not acknowledged, so a retry after an
+/// outage re-sends exactly what failed.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    records: Vec<(Record, Fate)>,
+}
+
+impl Outbox {
+    /// One push message per notification.
+    pub fn pushes<'a>(notifications: impl Iterator<Item = &'a Notification>) -> Outbox {
+        let records = notifications
+            .map(|n| {
+                let value = serde_json::to_vec(&PushMessage::from(n))
+                    .expect("a push message always serializes");
+                let record = Record {
+                    topic_is_dlq: false,
+                    campaign: Some(key_of(&n.campaign)),
+                    key: Some(n.client_id.to_string().into_bytes()),
+                    value: Some(value),
+                    headers: Vec::new(),
+                };
+                (record, Fate::Pending)
+            })
+            .collect();
+        Outbox { records }
+    }
+
+    /// Adds dead letters, after the pushes.
+    pub fn add_dead_letters(&mut self, dead: &[DeadLetter]) {
+        self.records.extend(dead.iter().map(|d| {
+            let record = Record {
+                topic_is_dlq: true,
+                campaign: None,
+                key: d.key.clone(),
+                value: d.value.clone(),
+                headers: d.headers(),
+            };
+            (record, Fate::Pending)
+        }));
+    }
+
+    /// The campaigns whose push messages were refused for their content,
+    /// with the reason.
+    pub fn refused(&self) -> Refusals {
+        let mut out = Refusals::new();
+        for (record, fate) in &self.records {
+            if let (Some(key), Fate::Refused(reason)) = (record.campaign, fate) {
+                out.entry(key).or_insert_with(|| reason.clone());
+            }
+        }
+        out
+    }
+
+    /// How many records are acknowledged.
+    pub fn acknowledged(&self) -> usize {
+        self.records
+            .iter()
+            .filter(|(_, f)| *f == Fate::Acknowledged)
+            .count()
+    }
+
+    fn pending(&self) -> usize {
+        self.records
+            .iter()
+            .filter(|(_, f)| *f == Fate::Pending)
+            .count()
+    }
+
+    /// Takes in one delivery report. A dead letter refused for its size is
+    /// put back without its payload; any other refusal is kept for the
+    /// caller. Returns the error of a report that failed otherwise.
+    fn settle(&mut self, i: usize, report: Result<(), KafkaError>) -> Option<SinkError> {
+        let error = match report {
+            Ok(()) => {
+                self.records[i].1 = Fate::Acknowledged;
+                return None;
+            }
+            Err(e) => SinkError::Kafka(e),
+        };
+        if classify(&error) != Disposition::Refuse {
+            return Some(error);
+        }
+        let (record, fate) = &mut self.records[i];
+        if !record.topic_is_dlq {
+            *fate = Fate::Refused(format!("the push topic refused it: {error}"));
+            return None;
+        }
+        match record.without_payload() {
+            Some(smaller) => {
+                tracing::warn!(%error, "a dead letter is too large for the DLQ; writing it without its payload");
+                *record = smaller;
+                None
+            }
+            // Headers alone refused: nothing the data can change.
+            None => Some(SinkError::Config(format!(
+                "the DLQ refuses even a dead letter without key and value: {error}"
+            ))),
         }
     }
 }
@@ -91,97 +317,83 @@ impl KafkaSink {
         })
     }
 
-    /// Produces every push message and dead letter and waits for all their
-    /// delivery reports; the first failure fails the whole call.
-    pub async fn deliver(
-        &self,
-        pushes: &[Notification],
-        dead: &[DeadLetter],
-    ) -> Result<(), SinkError> {
-        let encoded: Vec<(String, Vec<u8>)> = pushes
-            .iter()
-            .map(|n| {
-                let body = serde_json::to_vec(&PushMessage::from(n))
-                    .expect("a push message always serializes");
-                (n.client_id.to_string(), body)
-            })
-            .collect();
-        let mut pending = FuturesUnordered::new();
-        for (key, body) in &encoded {
-            let record = FutureRecord::to(&self.output_topic)
-                .key(key.as_bytes())
-                .payload(body.as_slice());
-            self.enqueue(record, &mut pending).await?;
-        }
-        for d in dead {
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "error",
-                    value: Some(d.error.as_bytes()),
-                })
-                .insert(Header {
-                    key: "source_topic",
-                    value: Some(d.source_topic.as_bytes()),
-                })
-                .insert(Header {
-                    key: "source_partition",
-                    value: Some(d.source_partition.to_string().as_bytes()),
-                })
-                .insert(Header {
-                    key: "source_offset",
-                    value: Some(d.source_offset.to_string().as_bytes()),
-                });
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&self.dlq_topic).headers(headers);
-            if let Some(k) = &d.key {
-                record = record.key(k.as_slice());
+    /// Produces every record of `outbox` not yet acknowledged and waits for
+    /// all their delivery reports. Ok once none is pending (each
+    /// acknowledged, or refused for its content: see [`Outbox::refused`]).
+    /// Otherwise the first error; the records acknowledged meanwhile stay
+    /// acknowledged, so calling again re-sends only the rest.
+    pub async fn send(&self, outbox: &mut Outbox) -> Result<(), SinkError> {
+        let mut reports = FuturesUnordered::new();
+        let mut failure = None;
+        for i in 0..outbox.records.len() {
+            if outbox.records[i].1 != Fate::Pending {
+                continue;
             }
-            if let Some(v) = &d.value {
-                record = record.payload(v.as_slice());
-            }
-            self.enqueue(record, &mut pending).await?;
-        }
-        while let Some(report) = pending.next().await {
-            check(report)?;
-        }
-        Ok(())
-    }
-
-    /// Hands one record to librdkafka, waiting for earlier deliveries while
-    /// its queue is full.
-    async fn enqueue<'a>(
-        &self,
-        mut record: FutureRecord<'a, [u8], [u8]>,
-        pending: &mut FuturesUnordered<DeliveryFuture>,
-    ) -> Result<(), SinkError> {
-        loop {
-            match self.producer.send_result(record) {
-                Ok(delivery) => {
-                    pending.push(delivery);
-                    return Ok(());
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    match pending.next().await {
-                        Some(report) => check(report)?,
-                        None => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            loop {
+                match self.producer.send_result(self.record(&outbox.records[i].0)) {
+                    Ok(delivery) => {
+                        reports.push(report(i, delivery));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        // librdkafka's queue is full: take in a report first.
+                        match reports.next().await {
+                            Some((j, r)) => failure = failure.or(outbox.settle(j, r)),
+                            None => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+                        }
+                    }
+                    // Refused before it left (too large for the client, say).
+                    Err((e, _)) => {
+                        failure = failure.or(outbox.settle(i, Err(e)));
+                        break;
                     }
                 }
-                Err((e, _)) => return Err(SinkError::Kafka(e)),
             }
         }
+        while let Some((i, r)) = reports.next().await {
+            failure = failure.or(outbox.settle(i, r));
+        }
+        match failure {
+            Some(error) => Err(error),
+            // A dead letter put back without its payload is produced again.
+            None if outbox.pending() > 0 => Box::pin(self.send(outbox)).await,
+            None => Ok(()),
+        }
+    }
+
+    fn record<'a>(&'a self, r: &'a Record) -> FutureRecord<'a, [u8], [u8]> {
+        let topic = if r.topic_is_dlq {
+            &self.dlq_topic
+        } else {
+            &self.output_topic
+        };
+        let mut record = FutureRecord::to(topic);
+        if !r.headers.is_empty() {
+            let headers = r.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                h.insert(Header {
+                    key: k,
+                    value: Some(v.as_slice()),
+                })
+            });
+            record = record.headers(headers);
+        }
+        if let Some(k) = &r.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &r.value {
+            record = record.payload(v.as_slice());
+        }
+        record
     }
 }
 
-fn check(
-    report: Result<
-        rdkafka::producer::future_producer::OwnedDeliveryResult,
-        futures::channel::oneshot::Canceled,
-    >,
-) -> Result<(), SinkError> {
-    match report {
+/// A delivery report, tagged with its record's index.
+async fn report(i: usize, delivery: DeliveryFuture) -> (usize, Result<(), KafkaError>) {
+    let outcome = match delivery.await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => Err(SinkError::Kafka(e)),
-        Err(_) => Err(SinkError::Kafka(KafkaError::Canceled)),
-    }
+        Ok(Err((e, _))) => Err(e),
+        // The producer went away before reporting: as good as a failure.
+        Err(_) => Err(KafkaError::Canceled),
+    };
+    (i, outcome)
 }

@@ -3,5 +3,7 @@
 mod kafka;
 mod postgres;
 
-pub use kafka::{kafka_config, DeadLetter, KafkaSink, PushMessage};
-pub use postgres::{connect as postgres_connect, unix, FeedbackSink};
+pub use kafka::{
+    kafka_config, producer_max_bytes, push_message_len, DeadLetter, KafkaSink, Outbox, PushMessage,
+};
+pub use postgres::{connect as postgres_connect, unix, FeedbackSink, Refusals};

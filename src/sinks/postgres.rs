@@ -1,12 +1,19 @@
-//! `subscribers_feedback`: one idempotent transaction per batch.
+//! `subscribers_feedback`: one idempotent transaction per batch, in which the
+//! campaigns whose rows Postgres refuses (a constraint, a trigger, a value
+//! out of range) are isolated and left out, and the rest written.
+
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, GenericClient, NoTls};
 use uuid::Uuid;
 
-use crate::fanout::Notification;
-use crate::retry::SinkError;
+use crate::fanout::{key_of, CampaignKey, Notification};
+use crate::retry::{classify, postgres_text, Disposition, SinkError};
+
+/// Campaigns a sink refused for what is in them, with the sink's reason.
+pub type Refusals = BTreeMap<CampaignKey, String>;
 
 const INSERT: &str = "\
 INSERT INTO subscribers_feedback (
@@ -55,10 +62,11 @@ impl FeedbackSink {
     }
 
     /// Inserts one row per notification in one transaction; rows already
-    /// there are left alone. Returns how many rows were new.
-    pub async fn write(&self, batch: &[Notification]) -> Result<u64, SinkError> {
+    /// there are left alone. The rows of a campaign Postgres refuses for
+    /// their content are left out, and the campaign returned with the reason.
+    pub async fn write(&self, batch: &[Notification]) -> Result<Refusals, SinkError> {
         if batch.is_empty() {
-            return Ok(0);
+            return Ok(Refusals::new());
         }
         // A free connection; with as many connections as batches in flight
         // there is one, the wait on the first is only a fallback.
@@ -70,58 +78,145 @@ impl FeedbackSink {
             *guard = Some(connect(&self.url).await.map_err(SinkError::Postgres)?);
         }
         let client = guard.as_mut().expect("connected above");
-        let result = insert(client, batch).await;
+        let result = write_isolating(client, batch).await;
         if result.is_err() {
             // The connection's state is unknown: start afresh next time.
             *guard = None;
         }
-        result.map_err(SinkError::Postgres)
+        result
     }
 }
 
-async fn insert(client: &mut Client, batch: &[Notification]) -> Result<u64, tokio_postgres::Error> {
-    let n = batch.len();
-    let mut restaurant = Vec::with_capacity(n);
-    let mut campaign = Vec::with_capacity(n);
-    let mut content = Vec::with_capacity(n);
-    let mut owner = Vec::with_capacity(n);
-    let mut contact = Vec::with_capacity(n);
-    let mut start = Vec::with_capacity(n);
-    let mut end = Vec::with_capacity(n);
-    let mut created = Vec::with_capacity(n);
-    let mut client_id: Vec<Uuid> = Vec::with_capacity(n);
-    let mut trigger = Vec::with_capacity(n);
-    for x in batch {
-        let c = &x.campaign;
-        restaurant.push(c.restaurant_id);
-        campaign.push(c.adv_campaign_id);
-        content.push(c.adv_campaign_content.as_str());
-        owner.push(c.adv_campaign_owner.as_deref());
-        contact.push(c.adv_campaign_owner_contact.as_deref());
-        start.push(unix(c.adv_campaign_datetime_start));
-        end.push(unix(c.adv_campaign_datetime_end));
-        created.push(unix(c.datetime_created));
-        client_id.push(x.client_id);
-        trigger.push(unix(x.trigger_datetime_created));
+/// The whole batch in one statement; only when Postgres refuses it for its
+/// content, again campaign by campaign (halving, each half under a
+/// savepoint) until the refused ones are found.
+async fn write_isolating(
+    client: &mut Client,
+    batch: &[Notification],
+) -> Result<Refusals, SinkError> {
+    let pg = SinkError::Postgres;
+    let tx = client.transaction().await.map_err(pg)?;
+    let error = match insert(&tx, &Rows::new(batch.iter())).await {
+        Ok(_) => {
+            tx.commit().await.map_err(pg)?;
+            return Ok(Refusals::new());
+        }
+        Err(e) => SinkError::Postgres(e),
+    };
+    if classify(&error) != Disposition::Refuse {
+        return Err(error);
     }
-    let tx = client.transaction().await?;
-    let inserted = tx
+    tx.rollback().await.map_err(pg)?;
+    tracing::warn!(%error, notifications = batch.len(), "postgres refused a batch for its content; isolating the campaigns it refuses");
+
+    let mut groups: Vec<(CampaignKey, Vec<&Notification>)> = Vec::new();
+    for n in batch {
+        let key = key_of(&n.campaign);
+        match groups.last_mut() {
+            Some((k, rows)) if *k == key => rows.push(n),
+            _ => groups.push((key, vec![n])),
+        }
+    }
+    let mut tx = client.transaction().await.map_err(pg)?;
+    let mut refused = Refusals::new();
+    let mut todo = vec![&groups[..]];
+    while let Some(part) = todo.pop() {
+        let savepoint = tx.savepoint("isolate").await.map_err(pg)?;
+        let rows = Rows::new(part.iter().flat_map(|(_, rows)| rows.iter().copied()));
+        let error = match insert(&savepoint, &rows).await {
+            Ok(_) => {
+                savepoint.commit().await.map_err(pg)?;
+                continue;
+            }
+            Err(e) => e,
+        };
+        savepoint.rollback().await.map_err(pg)?;
+        let reason = format!("postgres refused it: {}", postgres_text(&error));
+        let error = SinkError::Postgres(error);
+        if classify(&error) != Disposition::Refuse {
+            return Err(error);
+        }
+        match part {
+            [(key, _)] => {
+                refused.insert(*key, reason);
+            }
+            _ => {
+                let (first, second) = part.split_at(part.len() / 2);
+                todo.push(second);
+                todo.push(first);
+            }
+        }
+    }
+    tx.commit().await.map_err(pg)?;
+    Ok(refused)
+}
+
+/// Feedback rows, column by column as the INSERT takes them: one per
+/// notification, the action's fields, the client and the trigger time.
+struct Rows<'a> {
+    restaurant: Vec<Uuid>,
+    campaign: Vec<Uuid>,
+    content: Vec<&'a str>,
+    owner: Vec<Option<&'a str>>,
+    contact: Vec<Option<&'a str>>,
+    start: Vec<DateTime<Utc>>,
+    end: Vec<DateTime<Utc>>,
+    created: Vec<DateTime<Utc>>,
+    client: Vec<Uuid>,
+    trigger: Vec<DateTime<Utc>>,
+}
+
+impl<'a> Rows<'a> {
+    fn new(notifications: impl Iterator<Item = &'a Notification>) -> Rows<'a> {
+        let mut rows = Rows {
+            restaurant: Vec::new(),
+            campaign: Vec::new(),
+            content: Vec::new(),
+            owner: Vec::new(),
+            contact: Vec::new(),
+            start: Vec::new(),
+            end: Vec::new(),
+            created: Vec::new(),
+            client: Vec::new(),
+            trigger: Vec::new(),
+        };
+        for n in notifications {
+            let a = &n.campaign.action;
+            rows.restaurant.push(a.restaurant_id);
+            rows.campaign.push(a.adv_campaign_id);
+            rows.content.push(&a.adv_campaign_content);
+            rows.owner.push(a.adv_campaign_owner.as_deref());
+            rows.contact.push(a.adv_campaign_owner_contact.as_deref());
+            rows.start.push(unix(a.adv_campaign_datetime_start));
+            rows.end.push(unix(a.adv_campaign_datetime_end));
+            rows.created.push(unix(a.datetime_created));
+            rows.client.push(n.client_id);
+            rows.trigger.push(unix(n.trigger_datetime_created));
+        }
+        rows
+    }
+}
+
+/// One statement inserting `rows`, `ON CONFLICT DO NOTHING`.
+async fn insert(
+    client: &impl GenericClient,
+    rows: &Rows<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    client
         .execute(
             INSERT,
             &[
-                &restaurant,
-                &campaign,
-                &content,
-                &owner,
-                &contact,
-                &start,
-                &end,
-                &created,
-                &client_id,
-                &trigger,
+                &rows.restaurant,
+                &rows.campaign,
+                &rows.content,
+                &rows.owner,
+                &rows.contact,
+                &rows.start,
+                &rows.end,
+                &rows.created,
+                &rows.client,
+                &rows.trigger,
             ],
         )
-        .await?;
-    tx.commit().await?;
-    Ok(inserted)
+        .await
 }

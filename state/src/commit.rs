@@ -33,8 +33,12 @@ impl Commit {
     pub fn put_campaign(&mut self, campaign: &Campaign) {
         self.ops.push(Op::Put(
             Table::Campaigns,
-            keys::campaign(campaign.restaurant_id, campaign.adv_campaign_id).to_vec(),
-            codec::encode(campaign),
+            keys::campaign(
+                campaign.action.restaurant_id,
+                campaign.action.adv_campaign_id,
+            )
+            .to_vec(),
+            codec::encode_campaign(campaign),
         ));
     }
 

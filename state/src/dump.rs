@@ -5,7 +5,8 @@ use uuid::Uuid;
 
 use crate::codec::{decode, hex};
 use crate::{
-    keys, Campaign, Identity, MirrorMode, MirrorPosition, Progress, Store, StoreError, Table,
+    keys, Action, Campaign, Identity, MirrorMode, MirrorPosition, Origin, Progress, Store,
+    StoreError, Table,
 };
 
 /// One stored entry, in the shape `state dump` prints it (with a `table` field).
@@ -48,18 +49,14 @@ pub enum SubscriptionEntry {
     },
 }
 
-/// A campaign as printed: the stored fields, progress spelled out.
+/// A campaign as printed: the action's fields, progress spelled out, and
+/// where it came from.
 #[derive(Debug, Serialize)]
 pub struct CampaignEntry {
-    pub restaurant_id: Uuid,
-    pub adv_campaign_id: Uuid,
-    pub adv_campaign_content: String,
-    pub adv_campaign_owner: Option<String>,
-    pub adv_campaign_owner_contact: Option<String>,
-    pub adv_campaign_datetime_start: i64,
-    pub adv_campaign_datetime_end: i64,
-    pub datetime_created: i64,
+    #[serde(flatten)]
+    pub action: Action,
     pub progress: ProgressEntry,
+    pub origin: Option<Origin>,
 }
 
 #[derive(Debug, Serialize)]
@@ -73,14 +70,8 @@ pub enum ProgressEntry {
 impl From<Campaign> for CampaignEntry {
     fn from(c: Campaign) -> Self {
         CampaignEntry {
-            restaurant_id: c.restaurant_id,
-            adv_campaign_id: c.adv_campaign_id,
-            adv_campaign_content: c.adv_campaign_content,
-            adv_campaign_owner: c.adv_campaign_owner,
-            adv_campaign_owner_contact: c.adv_campaign_owner_contact,
-            adv_campaign_datetime_start: c.adv_campaign_datetime_start,
-            adv_campaign_datetime_end: c.adv_campaign_datetime_end,
-            datetime_created: c.datetime_created,
+            action: c.action,
+            origin: c.origin,
             progress: match c.progress {
                 Progress::NotStarted => ProgressEntry::NotStarted,
                 Progress::After(client) => ProgressEntry::After(client),
@@ -176,7 +167,7 @@ fn decode_entry(table: Table, k: &[u8], v: &[u8]) -> Result<Entry, StoreError> {
             }),
             _ => return Err(bad_key()),
         },
-        Table::Campaigns => Entry::Campaigns(decode::<Campaign>(name, k, v)?.into()),
+        Table::Campaigns => Entry::Campaigns(crate::codec::decode_campaign(k, v)?.into()),
         Table::Sent if k.len() == 48 => Entry::Sent {
             restaurant_id: keys::uuid_at(k, 0),
             adv_campaign_id: keys::uuid_at(k, 16),

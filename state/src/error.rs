@@ -6,14 +6,19 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "cannot open the state store at {path}: {source}; if the directory is damaged, move it \
+        "cannot open the state store at {path}: {error}; if the directory is damaged, move it \
          aside and run `promo-fanout state rebuild`"
     )]
     Open {
         path: PathBuf,
-        #[source]
-        source: rocksdb::Error,
+        error: rocksdb::Error,
     },
+
+    #[error(
+        "the state store at {path} is held by another process (a running `promo-fanout run`?); \
+         stop it first"
+    )]
+    InUse { path: PathBuf },
 
     #[error(
         "the state store at {path} has schema version {found}, this build understands {supported}; \
@@ -53,5 +58,13 @@ pub enum StoreError {
     },
 
     #[error("state store I/O failed: {0}")]
-    Io(#[from] rocksdb::Error),
+    Io(rocksdb::Error),
+}
+
+// By hand rather than `#[from]`, which would also make the cause the error's
+// source: the text already says it, and a chain would say it twice.
+impl From<rocksdb::Error> for StoreError {
+    fn from(error: rocksdb::Error) -> Self {
+        StoreError::Io(error)
+    }
 }

@@ -25,13 +25,17 @@ pub struct Subscription {
     pub client_id: Uuid,
 }
 
-/// A scheduled or active campaign and how far its fan-out has gone.
+/// A restaurant's action: the eight fields of the input topic's JSON, declared
+/// once. The push message, the feedback row, the dump line and the stored
+/// campaign are all made from it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Campaign {
+pub struct Action {
     pub restaurant_id: Uuid,
     pub adv_campaign_id: Uuid,
     pub adv_campaign_content: String,
+    #[serde(default)]
     pub adv_campaign_owner: Option<String>,
+    #[serde(default)]
     pub adv_campaign_owner_contact: Option<String>,
     /// Unix seconds.
     pub adv_campaign_datetime_start: i64,
@@ -39,7 +43,42 @@ pub struct Campaign {
     pub adv_campaign_datetime_end: i64,
     /// Unix seconds.
     pub datetime_created: i64,
+}
+
+/// A scheduled or active campaign and how far its fan-out has gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Campaign {
+    /// The latest action for the campaign's ids.
+    pub action: Action,
     pub progress: Progress,
+    /// The input message that carried `action`: where the campaign came
+    /// from, for a dead letter that names it. `None` for a campaign stored
+    /// before origins were kept, or rebuilt from Postgres.
+    pub origin: Option<Origin>,
+}
+
+/// An input message's coordinates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A campaign as value format 1 stored it, before origins were kept.
+#[derive(Deserialize)]
+pub(crate) struct CampaignV1 {
+    action: Action,
+    progress: Progress,
+}
+
+impl From<CampaignV1> for Campaign {
+    fn from(c: CampaignV1) -> Self {
+        Campaign {
+            action: c.action,
+            progress: c.progress,
+            origin: None,
+        }
+    }
 }
 
 /// How far the fan-out of a campaign has walked the restaurant's subscribers,

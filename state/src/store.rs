@@ -110,9 +110,18 @@ impl Store {
     pub fn open(path: &Path, identity: &Identity) -> Result<Store, StoreError> {
         let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
         let db = DB::open_cf_descriptors(&db_options(), path, cf_descriptors(&cache)).map_err(
-            |source| StoreError::Open {
-                path: path.to_owned(),
-                source,
+            |error| {
+                // RocksDB's lock file: another process has the store open.
+                if error.as_ref().contains("While lock file") {
+                    StoreError::InUse {
+                        path: path.to_owned(),
+                    }
+                } else {
+                    StoreError::Open {
+                        path: path.to_owned(),
+                        error,
+                    }
+                }
             },
         )?;
         let store = Store {
@@ -131,16 +140,16 @@ impl Store {
         let mut opts = Options::default();
         opts.set_max_open_files(-1);
         let names = Table::ALL.iter().map(|t| t.name());
-        let db = DB::open_cf_as_secondary(&opts, path, scratch, names).map_err(|source| {
+        let db = DB::open_cf_as_secondary(&opts, path, scratch, names).map_err(|error| {
             StoreError::Open {
                 path: path.to_owned(),
-                source,
+                error,
             }
         })?;
         db.try_catch_up_with_primary()
-            .map_err(|source| StoreError::Open {
+            .map_err(|error| StoreError::Open {
                 path: path.to_owned(),
-                source,
+                error,
             })?;
         let store = Store {
             db,
@@ -410,7 +419,7 @@ impl Store {
             })
             .map(|item| {
                 let (k, v) = item?;
-                decode("campaigns", &k, &v)
+                crate::codec::decode_campaign(&k, &v)
             })
             .collect()
     }

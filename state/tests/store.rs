@@ -2,8 +2,8 @@
 //! a reopen, and a store that is not ours is refused with a clear error.
 
 use promo_fanout_state::{
-    Campaign, Commit, Entry, Identity, MirrorMode, MirrorPosition, Progress, Store, StoreError,
-    Subscription, Table,
+    Action, Campaign, Commit, Entry, Identity, MirrorMode, MirrorPosition, Origin, Progress, Store,
+    StoreError, Subscription, Table,
 };
 use uuid::Uuid;
 
@@ -16,15 +16,21 @@ fn identity() -> Identity {
 
 fn campaign(r: u128, k: u128) -> Campaign {
     Campaign {
-        restaurant_id: Uuid::from_u128(r),
-        adv_campaign_id: Uuid::from_u128(k),
-        adv_campaign_content: "two for one".into(),
-        adv_campaign_owner: Some("Ivan".into()),
-        adv_campaign_owner_contact: None,
-        adv_campaign_datetime_start: 100,
-        adv_campaign_datetime_end: 200,
-        datetime_created: 90,
+        action: Action {
+            restaurant_id: Uuid::from_u128(r),
+            adv_campaign_id: Uuid::from_u128(k),
+            adv_campaign_content: "two for one".into(),
+            adv_campaign_owner: Some("Ivan".into()),
+            adv_campaign_owner_contact: None,
+            adv_campaign_datetime_start: 100,
+            adv_campaign_datetime_end: 200,
+            datetime_created: 90,
+        },
         progress: Progress::After(Uuid::from_u128(7)),
+        origin: Some(Origin {
+            partition: 3,
+            offset: 41,
+        }),
     }
 }
 

@@ -298,12 +298,21 @@ impl Producer {
 
     /// A producer for another cluster, e.g. a mock one.
     pub fn on(brokers: &str) -> Producer {
+        Producer::with(brokers, &[])
+    }
+
+    /// A producer with client properties of the test's own, e.g. a larger
+    /// `message.max.bytes`.
+    pub fn with(brokers: &str, properties: &[(&str, &str)]) -> Producer {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true");
+        for (k, v) in properties {
+            config.set(*k, *v);
+        }
         Producer {
-            inner: ClientConfig::new()
-                .set("bootstrap.servers", brokers)
-                .set("enable.idempotence", "true")
-                .create()
-                .unwrap(),
+            inner: config.create().unwrap(),
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -324,6 +333,40 @@ impl Producer {
             .block_on(self.inner.send(rec, Duration::from_secs(30)))
             .map_err(|(e, _)| e)
             .unwrap();
+    }
+
+    /// Sends many messages at once, waiting for every ack.
+    pub fn send_all<'a>(
+        &self,
+        topic: &str,
+        messages: impl Iterator<Item = (Option<&'a [u8]>, &'a [u8])>,
+    ) {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        self.rt.block_on(async {
+            let mut pending = Vec::new();
+            for (key, value) in messages {
+                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(value);
+                if let Some(k) = key {
+                    rec = rec.key(k);
+                }
+                loop {
+                    match self.inner.send_result(rec) {
+                        Ok(delivery) => {
+                            pending.push(delivery);
+                            break;
+                        }
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                            rec = back;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Err((e, _)) => panic!("produce: {e}"),
+                    }
+                }
+            }
+            for delivery in pending {
+                delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+            }
+        })
     }
 
     pub fn send_action(&self, topic: &str, action: &Value) {

@@ -1,0 +1,233 @@
+//! Nothing a producer sends stops the pipeline: a value too large even for
+//! the DLQ is dead-lettered without its bytes, a campaign Postgres refuses for
+//! what is in it (a rule the decoder cannot know) is isolated and
+//! dead-lettered with Postgres's own error while the rest of its batch is
+//! delivered once, and a sink that fails keeps its own part of `/readyz`
+//! down while the other parts work.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_value_too_large_for_the_dlq_is_dead_lettered_without_its_bytes() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let (r, client, k) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    db.subscribe(r, client);
+    let mut service = Service::start(&db, &topics, state.path(), &[]);
+
+    // 1.5 MB: over max-message-bytes (256 KiB), and over the 1,000,000 bytes
+    // the service's producer may send to the DLQ.
+    let mut big = live_action(r, Uuid::new_v4());
+    big["adv_campaign_content"] = "x".repeat(1_500_000).into();
+    let big = big.to_string().into_bytes();
+    let p = Producer::with(&brokers(), &[("message.max.bytes", "4000000")]);
+    p.send(&topics.input, Some(b"big"), &big, Some(0));
+    p.send_action(&topics.input, &live_action(r, k));
+
+    let push = Reader::new(&topics.output).until(1, WAIT).to_vec();
+    assert_eq!(triples(&push), vec![(r, k, client)]);
+    let mut dlq = Reader::new(&topics.dlq);
+    dlq.until(1, WAIT);
+    let letter = &dlq.seen[0];
+    assert_eq!(letter.key.as_deref(), Some(&b"big"[..]));
+    assert_eq!(letter.value, None, "written without its value");
+    let h = &letter.headers;
+    assert!(
+        h["error"].starts_with(&format!(
+            "value: {} bytes, over the 262144-byte limit",
+            big.len()
+        )),
+        "{h:?}"
+    );
+    assert_eq!(h["value_omitted_bytes"], big.len().to_string());
+    let sha: String = Sha256::digest(&big)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(h["value_omitted_sha256"], sha);
+    assert_eq!(h["source_offset"], "0");
+    assert!(service.child.try_wait().unwrap().is_none(), "still running");
+    assert!(service.stop().success());
+}
+
+/// Five campaigns in one batch; Postgres refuses two for their content (a
+/// CHECK constraint and a trigger's RAISE, both unknown to the decoder).
+#[test]
+fn campaigns_postgres_refuses_are_isolated_and_the_rest_of_their_batch_delivered() {
+    let db = Db::migrated();
+    db.client()
+        .batch_execute(
+            "ALTER TABLE subscribers_feedback ADD CONSTRAINT no_forbidden_offer \
+               CHECK (adv_campaign_content <> 'forbidden offer');
+             CREATE FUNCTION refuse_vetoed() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.adv_campaign_content = 'vetoed offer' THEN
+                 RAISE EXCEPTION 'this offer is vetoed';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER veto BEFORE INSERT ON subscribers_feedback
+               FOR EACH ROW EXECUTE FUNCTION refuse_vetoed();",
+        )
+        .unwrap();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let contents = [
+        "two for one",
+        "free dessert",
+        "forbidden offer",
+        "half price",
+        "vetoed offer",
+    ];
+    let restaurants: Vec<Uuid> = contents.iter().map(|_| Uuid::new_v4()).collect();
+    let campaigns: Vec<Uuid> = contents.iter().map(|_| Uuid::new_v4()).collect();
+    let mut expected = Vec::new();
+    let p = Producer::new();
+    for (i, content) in contents.iter().enumerate() {
+        let clients = db.new_subscribers(restaurants[i], 3);
+        let mut a = live_action(restaurants[i], campaigns[i]);
+        a["adv_campaign_content"] = (*content).into();
+        p.send(&topics.input, None, a.to_string().as_bytes(), Some(0));
+        if !content.ends_with("offer") {
+            expected.extend(clients.iter().map(|c| (restaurants[i], campaigns[i], *c)));
+        }
+    }
+    expected.sort();
+    // Started after the five are on the topic: they come in one batch.
+    let mut service = Service::start(&db, &topics, state.path(), &[]);
+
+    let mut dlq = Reader::new(&topics.dlq);
+    dlq.until(2, WAIT);
+    let mut push = Reader::new(&topics.output);
+    push.until(expected.len(), WAIT);
+    wait_for("the batch to be recorded", WAIT, || {
+        (service.metric("promo_fanout_notifications_sent_total") >= expected.len() as f64)
+            .then_some(())
+    });
+    push.drain(Duration::from_secs(1));
+    dlq.drain(Duration::from_secs(1));
+
+    assert_eq!(
+        triples(&push.seen),
+        expected,
+        "each accepted one once, nothing else"
+    );
+    let mut rows = db.feedback();
+    rows.sort();
+    assert_eq!(rows, expected);
+    assert_eq!(
+        dlq.seen.len(),
+        2,
+        "each refused campaign dead-lettered once"
+    );
+    let by_offset: BTreeMap<String, &Record> = dlq
+        .seen
+        .iter()
+        .map(|l| (l.headers["source_offset"].clone(), l))
+        .collect();
+    for (offset, k, words) in [
+        (
+            "2",
+            campaigns[2],
+            ["postgres refused it", "23514", "no_forbidden_offer"],
+        ),
+        (
+            "4",
+            campaigns[4],
+            ["postgres refused it", "P0001", "this offer is vetoed"],
+        ),
+    ] {
+        let letter = by_offset[offset];
+        let error = &letter.headers["error"];
+        for w in words {
+            assert!(error.contains(w), "{error:?} names {w:?}");
+        }
+        assert_eq!(letter.json()["adv_campaign_id"], k.to_string());
+        assert_eq!(letter.headers["source_topic"], topics.input);
+        assert_eq!(letter.headers["source_partition"], "0");
+    }
+    let stored = dump(state.path(), Some("campaigns"));
+    assert_eq!(
+        stored.len(),
+        3,
+        "the refused campaigns are not kept: {stored:?}"
+    );
+    assert_eq!(service.metric("promo_fanout_campaigns_refused_total"), 2.0);
+    assert!(service.stop().success());
+}
+
+/// Feedback writes fail (a trigger raising a serialization failure, an
+/// outage by its SQLSTATE) while the change feed reads happily: `/readyz`
+/// names the feedback writes the whole time, the mirror keeps following the
+/// table, and once the writes succeed everything arrives once.
+#[test]
+fn failing_feedback_writes_keep_postgres_unready_while_the_change_feed_reads() {
+    let db = Db::migrated();
+    db.client()
+        .batch_execute(
+            "CREATE TABLE staged_outage (since timestamptz);
+             INSERT INTO staged_outage VALUES (now());
+             CREATE FUNCTION staged_outage() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF EXISTS (SELECT 1 FROM staged_outage) THEN
+                 RAISE EXCEPTION 'staged outage' USING ERRCODE = '40001';
+               END IF;
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER outage BEFORE INSERT ON subscribers_feedback
+               FOR EACH STATEMENT EXECUTE FUNCTION staged_outage();",
+        )
+        .unwrap();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let r = Uuid::new_v4();
+    db.new_subscribers(r, 5);
+    let mut service = Service::start(&db, &topics, state.path(), &["--mirror-mode", "cdc"]);
+    Producer::new().send_action(&topics.input, &live_action(r, Uuid::new_v4()));
+
+    wait_for("/readyz to name the feedback writes", WAIT, || {
+        let (status, body) = service.get("/readyz")?;
+        (status == 503 && body.contains("feedback writes failing")).then_some(())
+    });
+    let since = Instant::now();
+    let late = Uuid::new_v4();
+    db.subscribe(Uuid::new_v4(), late);
+    let mut mirrored = false;
+    while since.elapsed() < Duration::from_secs(15) {
+        let (status, body) = service.get("/readyz").unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("postgres: feedback writes failing"), "{body}");
+        assert!(
+            !body.contains("change feed"),
+            "the change feed works: {body}"
+        );
+        mirrored |= mirror_rows(state.path()).iter().any(|row| row.2 == late);
+        assert_eq!(db.feedback_count(), 0);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(mirrored, "the change feed kept following the table");
+    assert!(service.metric("promo_fanout_retries_total") >= 2.0);
+
+    db.client()
+        .batch_execute("DELETE FROM staged_outage")
+        .unwrap();
+    wait_for("every row once the writes succeed", WAIT, || {
+        (db.feedback_count() == 5).then_some(())
+    });
+    service.wait_ready();
+    let mut push = Reader::new(&topics.output);
+    push.until(5, WAIT);
+    push.drain(Duration::from_secs(1));
+    assert_eq!(push.seen.len(), 5, "Kafka was asked once, after Postgres");
+    assert!(service.stop().success());
+}
