@@ -16,5 +16,5 @@ start_test_services
 export PF_FUZZ_MESSAGES=${1:-1000000}
 [ -n "${2:-}" ] && export PF_FUZZ_SEED=$2
 say "fuzz: $PF_FUZZ_MESSAGES messages"
-cargo test --all-features --test fuzz -- --nocapture 2>&1 | grep -E '^fuzz:|test result|panicked|assert'
+cargo test --all-features --test fuzz -- --nocapture 2>&1 | grep -E -A1 '^fuzz:|test result|panicked|assert'
 exit "${PIPESTATUS[0]}"

@@ -8,7 +8,7 @@ use std::time::Instant;
 use promo_fanout_state::{Campaign, Commit, Origin, Store};
 use tokio::sync::watch;
 
-use crate::fanout::{key_of, CampaignKey, Plan};
+use crate::fanout::{key_of, CampaignKey, Notification, Plan};
 use crate::health::Health;
 use crate::retry::{until_done, SinkError, Stopped};
 use crate::sinks::{DeadLetter, FeedbackSink, KafkaSink, Outbox, Refusals};
@@ -26,18 +26,47 @@ pub struct Batch {
     /// Late-subscriber markers this batch has handled (restaurant, client,
     /// marker): cleared with its sent entries.
     pub late: Vec<(uuid::Uuid, uuid::Uuid, u64)>,
-    /// How many refused campaigns the planner had been told of (see
-    /// [`RefusalLog`]) when it planned this batch.
-    pub refusals_known: usize,
 }
 
-/// Every campaign the sinks have refused since start, in the order the
-/// batches that found them were recorded, with the origin of the refused
-/// version. The planner is told of each and stops planning it; a batch
-/// planned before it was told is recorded without that campaign.
+/// A campaign as one action made it: its ids and the message that carried
+/// that action. A later action for the same ids is a new version.
+pub type Version = (CampaignKey, Option<Origin>);
+
+fn version(c: &Campaign) -> Version {
+    (key_of(c), c.origin)
+}
+
+/// The campaign versions the sinks have refused since start, shared by every
+/// delivery and the recorder. Batches planned before the planner heard of a
+/// refusal still carry the refused version: their deliveries leave it out
+/// at each sink, and the recorder leaves it out of the store. A later
+/// action for the same ids is a new version and goes through.
 #[derive(Debug, Default)]
-pub struct RefusalLog {
-    refused: Vec<(CampaignKey, Option<Origin>)>,
+pub struct Refused {
+    versions: std::sync::Mutex<BTreeSet<Version>>,
+    /// The versions already dead-lettered, so that each is written once.
+    lettered: std::sync::Mutex<BTreeSet<Version>>,
+}
+
+impl Refused {
+    fn contains(&self, c: &Campaign) -> bool {
+        self.versions
+            .lock()
+            .expect("not poisoned")
+            .contains(&version(c))
+    }
+
+    fn insert(&self, c: &Campaign) {
+        self.versions
+            .lock()
+            .expect("not poisoned")
+            .insert(version(c));
+    }
+
+    /// True the first time `v` is to be dead-lettered.
+    fn first_letter(&self, v: Version) -> bool {
+        self.lettered.lock().expect("not poisoned").insert(v)
+    }
 }
 
 /// The sinks, the store and the source a batch is committed to.
@@ -50,6 +79,7 @@ pub struct Checkpoint {
     pub sent_retention: i64,
     /// The input topic, named in the dead letters of refused campaigns.
     pub input_topic: String,
+    pub refused: Refused,
 }
 
 impl Checkpoint {
@@ -74,27 +104,55 @@ impl Checkpoint {
         batch: &Batch,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<Refusals, Stopped> {
-        let notifications = &batch.plan.notifications;
-        let mut refused = until_done(
-            "postgres",
-            || self.feedback.write(notifications),
-            &mut shutdown.clone(),
-            |ok| self.health.feedback.set_ok(ok),
-        )
-        .await?;
-        crate::failpoint!("after-postgres");
-
-        let accepted = notifications
+        let notifications: Vec<&Notification> = batch
+            .plan
+            .notifications
             .iter()
-            .filter(|n| !refused.contains_key(&key_of(&n.campaign)));
+            .filter(|n| !self.refused.contains(&n.campaign))
+            .collect();
+        let mut refused = Refusals::new();
+        if !notifications.is_empty() {
+            refused = until_done(
+                "postgres",
+                || self.feedback.write(&notifications),
+                &mut shutdown.clone(),
+                |ok| self.health.feedback.set_ok(ok),
+            )
+            .await?;
+        }
+        crate::failpoint!("after-postgres");
+        self.mark_refused(&notifications, &refused);
+
+        // Left out too: what a batch delivering meanwhile found refused.
+        let accepted = notifications
+            .into_iter()
+            .filter(|n| !refused.contains_key(&key_of(&n.campaign)))
+            .filter(|n| !self.refused.contains(&n.campaign));
         let mut outbox = Outbox::pushes(accepted);
         outbox.add_dead_letters(&batch.dead);
-        let outbox = self.produce("kafka", outbox, shutdown).await?;
+        if !outbox.is_empty() {
+            outbox = self.produce("kafka", outbox, shutdown).await?;
+        }
         crate::failpoint!("after-sinks");
-        for (key, reason) in outbox.refused() {
+        let pushed_refused = outbox.refused();
+        self.mark_refused(
+            &batch.plan.notifications.iter().collect::<Vec<_>>(),
+            &pushed_refused,
+        );
+        for (key, reason) in pushed_refused {
             refused.entry(key).or_insert(reason);
         }
         Ok(refused)
+    }
+
+    /// Shares what a sink refused at once, before the batch is recorded, so
+    /// that the batches delivering meanwhile push none of it.
+    fn mark_refused(&self, notifications: &[&Notification], refused: &Refusals) {
+        for n in notifications {
+            if refused.contains_key(&key_of(&n.campaign)) {
+                self.refused.insert(&n.campaign);
+            }
+        }
     }
 
     /// Steps 4–5, once [`Checkpoint::deliver`] succeeded and every earlier
@@ -116,12 +174,11 @@ impl Checkpoint {
         &self,
         batch: &Batch,
         refused: Refusals,
-        log: &mut RefusalLog,
         source: &Source,
         started: Instant,
         shutdown: &watch::Receiver<bool>,
-    ) -> Result<Vec<CampaignKey>, Stopped> {
-        let refusals = self.refusals(batch, refused, log);
+    ) -> Result<Vec<Version>, Stopped> {
+        let refusals = self.refusals(batch, refused);
         self.dead_letter(&refusals.letters, shutdown).await?;
         crate::failpoint!("after-refusals");
 
@@ -130,7 +187,7 @@ impl Checkpoint {
         let mut sent = 0u64;
         for n in notifications {
             let a = &n.campaign.action;
-            if refusals.left_out.contains(&key_of(&n.campaign)) {
+            if refusals.leaves_out(&n.campaign) {
                 continue;
             }
             sent += 1;
@@ -142,13 +199,14 @@ impl Checkpoint {
                     .saturating_add(self.sent_retention),
             );
         }
-        for (key, campaign) in &batch.plan.puts {
-            if !refusals.left_out.contains(key) {
+        for campaign in batch.plan.puts.values() {
+            if !refusals.leaves_out(campaign) {
                 commit.put_campaign(campaign);
             }
         }
-        for (restaurant, campaign) in batch.plan.deletes.iter().chain(&refusals.newly) {
-            commit.delete_campaign(*restaurant, *campaign);
+        let refused_keys = refusals.here.iter().copied();
+        for (restaurant, campaign) in batch.plan.deletes.iter().copied().chain(refused_keys) {
+            commit.delete_campaign(restaurant, campaign);
         }
         for (partition, next) in &batch.positions {
             commit.set_input_position(*partition, *next);
@@ -172,58 +230,36 @@ impl Checkpoint {
         metrics::counter!("promo_fanout_batches_committed_total").increment(1);
         metrics::counter!("promo_fanout_notifications_sent_total").increment(sent);
         metrics::counter!("promo_fanout_campaigns_refused_total")
-            .increment(refusals.newly.len() as u64);
-        Ok(refusals.newly)
+            .increment(refusals.lettered.len() as u64);
+        Ok(refusals.lettered)
     }
 
-    /// Sorts a delivered batch's refusals against the log: which campaigns
-    /// are refused for the first time (dead-lettered, then deleted), and
-    /// which of the batch's changes are left out because an earlier batch
-    /// refused their campaign after this one was planned.
-    fn refusals(&self, batch: &Batch, refused: Refusals, log: &mut RefusalLog) -> Sorted {
-        let stale: BTreeMap<CampaignKey, Option<Origin>> = log.refused[batch.refusals_known..]
-            .iter()
-            .copied()
-            .collect();
-        let campaigns: BTreeMap<CampaignKey, &Campaign> = batch
-            .plan
-            .notifications
-            .iter()
-            .map(|n| (key_of(&n.campaign), &*n.campaign))
-            .collect();
-        let mut sorted = Sorted::default();
+    /// Sorts a delivered batch's refusals: which campaign versions to
+    /// dead-letter (each once, the latest version the batch has of it), and
+    /// what the batch's record leaves out.
+    fn refusals(&self, batch: &Batch, refused: Refusals) -> Sorted {
+        let mut sorted = Sorted {
+            here: refused.keys().copied().collect(),
+            refused: self.refused.versions.lock().expect("not poisoned").clone(),
+            ..Sorted::default()
+        };
         for (key, reason) in refused {
-            if stale.contains_key(&key) {
+            let latest = batch.plan.puts.get(&key).or_else(|| {
+                batch
+                    .plan
+                    .notifications
+                    .iter()
+                    .find(|n| key_of(&n.campaign) == key)
+                    .map(|n| &*n.campaign)
+            });
+            let Some(campaign) = latest else { continue };
+            if !self.refused.first_letter(version(campaign)) {
                 continue;
             }
-            let Some(campaign) = campaigns.get(&key) else {
-                continue;
-            };
             tracing::error!(restaurant_id = %key.0, adv_campaign_id = %key.1, %reason, "a sink refused a campaign; sending it to the DLQ");
             sorted.letters.push(self.letter(campaign, reason));
-            log.refused.push((key, campaign.origin));
-            sorted.newly.push(key);
+            sorted.lettered.push(version(campaign));
         }
-        // An action that updated a campaign while its refusal was on its way
-        // to the planner is dropped with it: say so rather than lose it.
-        for (key, refused_origin) in &stale {
-            if let Some(update) = batch.plan.puts.get(key) {
-                if update.origin != *refused_origin {
-                    sorted.letters.push(
-                        self.letter(
-                            update,
-                            "a sink had just refused this campaign; this update to it arrived \
-                         while the refusal was under way and is not applied: send it again"
-                                .into(),
-                        ),
-                    );
-                }
-            }
-        }
-        sorted.left_out = stale
-            .into_keys()
-            .chain(sorted.newly.iter().copied())
-            .collect();
         sorted
     }
 
@@ -276,11 +312,19 @@ impl Checkpoint {
 /// A batch's refusals, sorted by [`Checkpoint::refusals`].
 #[derive(Default)]
 struct Sorted {
-    /// Campaigns refused for the first time.
-    newly: Vec<CampaignKey>,
-    /// Campaigns whose notifications and changes in this batch are not
-    /// recorded: the newly refused and those an earlier batch refused.
-    left_out: BTreeSet<CampaignKey>,
+    /// The campaigns this batch's delivery found refused: every version of
+    /// them is left out of its record, and they are deleted from the store.
+    here: BTreeSet<CampaignKey>,
+    /// Every version refused so far, by this batch or another.
+    refused: BTreeSet<Version>,
+    /// The versions dead-lettered by this batch, for the planner.
+    lettered: Vec<Version>,
     /// Dead letters to write before the batch is recorded.
     letters: Vec<DeadLetter>,
+}
+
+impl Sorted {
+    fn leaves_out(&self, c: &Campaign) -> bool {
+        self.here.contains(&key_of(c)) || self.refused.contains(&version(c))
+    }
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::action;
-use crate::checkpoint::{Batch, Checkpoint};
+use crate::checkpoint::{Batch, Checkpoint, Version};
 use crate::clock;
 use crate::config::{MirrorMode, Settings};
 use crate::fanout::{self, CampaignKey, Rules};
@@ -185,6 +185,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         health: health.clone(),
         sent_retention: settings.sent_retention.as_secs() as i64,
         input_topic: settings.input_topic.clone(),
+        refused: Default::default(),
     });
     let mut campaigns: BTreeMap<CampaignKey, Campaign> = store
         .campaigns()?
@@ -227,7 +228,6 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
     )));
     let deliveries = TaskTracker::new();
     let mut planned = 0u64;
-    let mut refusals_known = 0usize;
 
     let mut more_late = false;
     let outcome = loop {
@@ -248,11 +248,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         if recorder.is_finished() {
             break Ok(());
         }
-        // Campaigns the sinks refused are planned no more.
-        while let Ok(key) = refused_rx.try_recv() {
-            campaigns.remove(&key);
-            refusals_known += 1;
-        }
+        forget_refused(&mut campaigns, &mut refused_rx);
         let now = clock::now();
         let busy = more_late
             || campaigns
@@ -272,7 +268,6 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         let now = clock::now();
         let mut batch = Batch {
             positions: positions.clone(),
-            refusals_known,
             ..Batch::default()
         };
         let mut arrivals = Vec::with_capacity(messages.len());
@@ -336,6 +331,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
                 _ = shutdown.wait_for(|s| *s) => break Ok(()),
             }
             markers = store.late_subscribers(settings.chunk_size)?;
+            forget_refused(&mut campaigns, &mut refused_rx);
         }
 
         let rules = Rules {
@@ -425,7 +421,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         }
         Err(Stopped::Fatal(error)) => {
             return Err(RunError::Fatal {
-                step: "commit",
+                step: "delivery",
                 error,
             })
         }
@@ -459,10 +455,9 @@ async fn record_in_order(
     mut queue: mpsc::UnboundedReceiver<InFlight>,
     recorded: watch::Sender<u64>,
     positions: watch::Sender<BTreeMap<i32, i64>>,
-    refused: mpsc::UnboundedSender<CampaignKey>,
+    refused: mpsc::UnboundedSender<Version>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Stopped> {
-    let mut log = crate::checkpoint::RefusalLog::default();
     while let Some(mut f) = queue.recv().await {
         // A sink that fails is retried and logged by the delivery itself; one
         // that neither answers nor fails would be silent, so say so here.
@@ -478,9 +473,7 @@ async fn record_in_order(
             }
         };
         let newly = checkpoint
-            .record(
-                &f.batch, delivered?, &mut log, &source, f.started, &shutdown,
-            )
+            .record(&f.batch, delivered?, &source, f.started, &shutdown)
             .await?;
         for key in newly {
             // The planner is gone only when the service is stopping.
@@ -512,6 +505,19 @@ async fn record_in_order(
         }
     }
     Ok(())
+}
+
+/// Campaigns the sinks refused are planned no more: the version refused is
+/// forgotten, unless a later action for the same ids has replaced it.
+fn forget_refused(
+    campaigns: &mut BTreeMap<CampaignKey, Campaign>,
+    refused: &mut mpsc::UnboundedReceiver<Version>,
+) {
+    while let Ok((key, origin)) = refused.try_recv() {
+        if campaigns.get(&key).is_some_and(|c| c.origin == origin) {
+            campaigns.remove(&key);
+        }
+    }
 }
 
 /// Resolves once the recorder has stopped (its sender is dropped).

@@ -166,9 +166,7 @@ pub fn classify_kafka(code: RDKafkaErrorCode) -> Disposition {
         // The record itself: too large, or refused by the broker's checks.
         C::MessageSizeTooLarge
         | C::InvalidMessageSize
-        | C::MessageBatchTooLarge
         | C::InvalidRecord
-        | C::InvalidTimestamp
         | C::KeySerialization
         | C::ValueSerialization => Refuse,
         // Authentication, authorization and configuration; a producer
@@ -187,6 +185,10 @@ pub fn classify_kafka(code: RDKafkaErrorCode) -> Disposition {
         | C::InvalidRequiredAcks
         | C::UnsupportedCompressionType
         | C::UnsupportedVersion
+        // A produce request over the broker's segment size (`batch.size`
+        // against `segment.bytes`), a clock too far off the broker's: setup.
+        | C::MessageBatchTooLarge
+        | C::InvalidTimestamp
         | C::Fatal => Fatal,
         // Timeouts, transport, leadership, replicas, a full queue, a topic
         // not (yet) known: outages.
@@ -205,6 +207,9 @@ pub fn backoff() -> impl Iterator<Item = Duration> {
         .without_max_times()
         .build()
 }
+
+/// How long an attempt under way may go on after a shutdown is requested.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Why a retried operation stopped without succeeding.
 #[derive(Debug, thiserror::Error)]
@@ -231,7 +236,19 @@ where
 {
     let mut delays = backoff();
     loop {
-        match op().await {
+        // A shutdown lets an attempt under way finish (the batch in flight
+        // is committed), but not forever: one that hangs on a frozen broker
+        // or a silent database would hold the exit. Every operation retried
+        // here can be abandoned and done again after the restart.
+        let grace = async {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        let attempt = tokio::select! {
+            outcome = op() => outcome,
+            _ = grace => return Err(Stopped::Shutdown),
+        };
+        match attempt {
             Ok(v) => {
                 on_change(true);
                 return Ok(v);
@@ -352,9 +369,9 @@ mod tests {
         let cases = [
             (C::MessageSizeTooLarge, Refuse),
             (C::InvalidMessageSize, Refuse),
-            (C::MessageBatchTooLarge, Refuse),
             (C::InvalidRecord, Refuse),
-            (C::InvalidTimestamp, Refuse),
+            (C::MessageBatchTooLarge, Fatal),
+            (C::InvalidTimestamp, Fatal),
             (C::MessageTimedOut, Retry),
             (C::RequestTimedOut, Retry),
             (C::BrokerTransportFailure, Retry),

@@ -246,12 +246,8 @@ impl Outbox {
         out
     }
 
-    /// How many records are acknowledged.
-    pub fn acknowledged(&self) -> usize {
-        self.records
-            .iter()
-            .filter(|(_, f)| *f == Fate::Acknowledged)
-            .count()
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
     }
 
     fn pending(&self) -> usize {
@@ -279,6 +275,20 @@ impl Outbox {
         if !record.topic_is_dlq {
             *fate = Fate::Refused(format!("the push topic refused it: {error}"));
             return None;
+        }
+        let too_large = matches!(
+            &error,
+            SinkError::Kafka(e) if matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+            )
+        );
+        if !too_large {
+            // The DLQ refuses what the data cannot change (a compacted DLQ
+            // refusing a record without a key, say): a setup to fix.
+            return Some(SinkError::Config(format!(
+                "the DLQ refuses a dead letter: {error}; check the DLQ topic's configuration"
+            )));
         }
         match record.without_payload() {
             Some(smaller) => {
@@ -396,4 +406,118 @@ async fn report(i: usize, delivery: DeliveryFuture) -> (usize, Result<(), KafkaE
         Err(_) => Err(KafkaError::Canceled),
     };
     (i, outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use promo_fanout_state::{Campaign, Progress};
+
+    use super::*;
+
+    fn notification(k: u128, client: u128) -> Notification {
+        Notification {
+            campaign: Arc::new(Campaign {
+                action: Action {
+                    restaurant_id: Uuid::from_u128(1),
+                    adv_campaign_id: Uuid::from_u128(k),
+                    adv_campaign_content: "deal".into(),
+                    adv_campaign_owner: None,
+                    adv_campaign_owner_contact: None,
+                    adv_campaign_datetime_start: 0,
+                    adv_campaign_datetime_end: 10,
+                    datetime_created: 0,
+                },
+                progress: Progress::NotStarted,
+                origin: None,
+            }),
+            client_id: Uuid::from_u128(client),
+            trigger_datetime_created: 5,
+        }
+    }
+
+    fn failed(code: RDKafkaErrorCode) -> Result<(), KafkaError> {
+        Err(KafkaError::MessageProduction(code))
+    }
+
+    #[test]
+    fn only_what_was_not_acknowledged_is_sent_again() {
+        let pushes = [
+            notification(5, 10),
+            notification(5, 11),
+            notification(6, 12),
+        ];
+        let mut outbox = Outbox::pushes(pushes.iter());
+        assert_eq!(outbox.pending(), 3);
+        assert!(outbox.settle(0, Ok(())).is_none());
+        let outage = outbox.settle(1, failed(RDKafkaErrorCode::MessageTimedOut));
+        assert!(outage.is_some(), "an outage is reported for a retry");
+        assert!(outbox
+            .settle(2, failed(RDKafkaErrorCode::MessageSizeTooLarge))
+            .is_none());
+        // Acknowledged and refused records are done; the timed-out one alone
+        // is produced again.
+        let pending: Vec<usize> = (0..3)
+            .filter(|i| outbox.records[*i].1 == Fate::Pending)
+            .collect();
+        assert_eq!(pending, vec![1]);
+        let refused = outbox.refused();
+        assert_eq!(refused.len(), 1);
+        assert!(refused[&(Uuid::from_u128(1), Uuid::from_u128(6))]
+            .starts_with("the push topic refused it: kafka:"));
+    }
+
+    #[test]
+    fn a_dead_letter_too_large_is_sent_again_without_its_payload() {
+        let mut outbox = Outbox::default();
+        outbox.add_dead_letters(&[DeadLetter {
+            key: Some(b"k".to_vec()),
+            value: Some(vec![b'x'; 2000]),
+            error: "value: too large".into(),
+            source_topic: "in".into(),
+            origin: Some(Origin {
+                partition: 0,
+                offset: 7,
+            }),
+        }]);
+        assert!(outbox
+            .settle(0, failed(RDKafkaErrorCode::MessageSizeTooLarge))
+            .is_none());
+        let (record, fate) = &outbox.records[0];
+        assert_eq!(*fate, Fate::Pending, "produced again");
+        assert_eq!(record.value, None);
+        assert_eq!(record.key.as_deref(), Some(&b"k"[..]));
+        let header = |name: &str| {
+            record
+                .headers
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+        };
+        assert_eq!(header("value_omitted_bytes").as_deref(), Some("2000"));
+        assert_eq!(header("value_omitted_sha256").map(|h| h.len()), Some(64));
+        assert_eq!(header("source_offset").as_deref(), Some("7"));
+        // Still too large: the key goes too; then nothing is left to leave out.
+        assert!(outbox
+            .settle(0, failed(RDKafkaErrorCode::MessageSizeTooLarge))
+            .is_none());
+        assert_eq!(outbox.records[0].0.key, None);
+        let stuck = outbox.settle(0, failed(RDKafkaErrorCode::MessageSizeTooLarge));
+        assert!(matches!(stuck, Some(SinkError::Config(_))));
+    }
+
+    #[test]
+    fn a_dlq_that_refuses_a_record_for_anything_but_size_is_a_setup_problem() {
+        let mut outbox = Outbox::default();
+        outbox.add_dead_letters(&[DeadLetter {
+            key: None,
+            value: Some(b"v".to_vec()),
+            error: "bad".into(),
+            source_topic: "in".into(),
+            origin: None,
+        }]);
+        let error = outbox.settle(0, failed(RDKafkaErrorCode::InvalidRecord));
+        assert!(matches!(error, Some(SinkError::Config(text)) if text.contains("DLQ")));
+    }
 }

@@ -64,7 +64,7 @@ impl FeedbackSink {
     /// Inserts one row per notification in one transaction; rows already
     /// there are left alone. The rows of a campaign Postgres refuses for
     /// their content are left out, and the campaign returned with the reason.
-    pub async fn write(&self, batch: &[Notification]) -> Result<Refusals, SinkError> {
+    pub async fn write(&self, batch: &[&Notification]) -> Result<Refusals, SinkError> {
         if batch.is_empty() {
             return Ok(Refusals::new());
         }
@@ -92,11 +92,11 @@ impl FeedbackSink {
 /// savepoint) until the refused ones are found.
 async fn write_isolating(
     client: &mut Client,
-    batch: &[Notification],
+    batch: &[&Notification],
 ) -> Result<Refusals, SinkError> {
     let pg = SinkError::Postgres;
     let tx = client.transaction().await.map_err(pg)?;
-    let error = match insert(&tx, &Rows::new(batch.iter())).await {
+    let error = match insert(&tx, &Rows::new(batch.iter().copied())).await {
         Ok(_) => {
             tx.commit().await.map_err(pg)?;
             return Ok(Refusals::new());
@@ -109,28 +109,31 @@ async fn write_isolating(
     tx.rollback().await.map_err(pg)?;
     tracing::warn!(%error, notifications = batch.len(), "postgres refused a batch for its content; isolating the campaigns it refuses");
 
-    let mut groups: Vec<(CampaignKey, Vec<&Notification>)> = Vec::new();
+    let mut by_campaign: BTreeMap<CampaignKey, Vec<&Notification>> = BTreeMap::new();
     for n in batch {
-        let key = key_of(&n.campaign);
-        match groups.last_mut() {
-            Some((k, rows)) if *k == key => rows.push(n),
-            _ => groups.push((key, vec![n])),
-        }
+        by_campaign.entry(key_of(&n.campaign)).or_default().push(n);
     }
-    let mut tx = client.transaction().await.map_err(pg)?;
+    let groups: Vec<(CampaignKey, Vec<&Notification>)> = by_campaign.into_iter().collect();
+    let tx = client.transaction().await.map_err(pg)?;
     let mut refused = Refusals::new();
     let mut todo = vec![&groups[..]];
     while let Some(part) = todo.pop() {
-        let savepoint = tx.savepoint("isolate").await.map_err(pg)?;
+        // By hand: a savepoint rolled back is then released, so that
+        // savepoints do not nest one per halving.
+        tx.batch_execute("SAVEPOINT isolate").await.map_err(pg)?;
         let rows = Rows::new(part.iter().flat_map(|(_, rows)| rows.iter().copied()));
-        let error = match insert(&savepoint, &rows).await {
+        let error = match insert(&tx, &rows).await {
             Ok(_) => {
-                savepoint.commit().await.map_err(pg)?;
+                tx.batch_execute("RELEASE SAVEPOINT isolate")
+                    .await
+                    .map_err(pg)?;
                 continue;
             }
             Err(e) => e,
         };
-        savepoint.rollback().await.map_err(pg)?;
+        tx.batch_execute("ROLLBACK TO SAVEPOINT isolate; RELEASE SAVEPOINT isolate")
+            .await
+            .map_err(pg)?;
         let reason = format!("postgres refused it: {}", postgres_text(&error));
         let error = SinkError::Postgres(error);
         if classify(&error) != Disposition::Refuse {

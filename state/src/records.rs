@@ -58,7 +58,7 @@ pub struct Campaign {
 }
 
 /// An input message's coordinates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Origin {
     pub partition: i32,
     pub offset: i64,
