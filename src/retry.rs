@@ -24,6 +24,11 @@ pub enum SinkError {
     /// A setup that waiting cannot fix.
     #[error("{0}")]
     Config(String),
+    /// The DLQ refuses a dead letter for something no payload change can
+    /// mend (its configuration): retried until a person fixes it, since a
+    /// dead letter is never skipped.
+    #[error("the DLQ refuses a dead letter: {0}")]
+    DlqRefused(String),
 }
 
 impl From<promo_fanout_state::StoreError> for SinkError {
@@ -37,7 +42,7 @@ impl SinkError {
     pub fn cause(&self) -> &'static str {
         match self {
             SinkError::Postgres(_) => "postgres",
-            SinkError::Kafka(_) => "kafka",
+            SinkError::Kafka(_) | SinkError::DlqRefused(_) => "kafka",
             SinkError::Store(_) => "state",
             SinkError::Feed(_) | SinkError::Config(_) => "mirror",
         }
@@ -98,6 +103,7 @@ pub fn classify(error: &SinkError) -> Disposition {
                 _ => Disposition::Retry,
             },
         },
+        SinkError::DlqRefused(_) => Disposition::Retry,
         // The local disk failing is not an outage that passes; nor is a feed
         // this build cannot read, or a setup mistake.
         SinkError::Store(_) | SinkError::Feed(_) | SinkError::Config(_) => Disposition::Fatal,

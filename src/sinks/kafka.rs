@@ -285,9 +285,10 @@ impl Outbox {
         );
         if !too_large {
             // The DLQ refuses what the data cannot change (a compacted DLQ
-            // refusing a record without a key, say): a setup to fix.
-            return Some(SinkError::Config(format!(
-                "the DLQ refuses a dead letter: {error}; check the DLQ topic's configuration"
+            // refusing a record without a key, say): a setup for a person
+            // to fix, waited out like an outage, never skipped.
+            return Some(SinkError::DlqRefused(format!(
+                "{error}; check the DLQ topic's configuration"
             )));
         }
         match record.without_payload() {
@@ -297,8 +298,8 @@ impl Outbox {
                 None
             }
             // Headers alone refused: nothing the data can change.
-            None => Some(SinkError::Config(format!(
-                "the DLQ refuses even a dead letter without key and value: {error}"
+            None => Some(SinkError::DlqRefused(format!(
+                "{error}, even without key and value"
             ))),
         }
     }
@@ -504,11 +505,12 @@ mod tests {
             .is_none());
         assert_eq!(outbox.records[0].0.key, None);
         let stuck = outbox.settle(0, failed(RDKafkaErrorCode::MessageSizeTooLarge));
-        assert!(matches!(stuck, Some(SinkError::Config(_))));
+        assert!(matches!(stuck, Some(SinkError::DlqRefused(_))));
+        assert_eq!(outbox.records[0].1, Fate::Pending, "never skipped");
     }
 
     #[test]
-    fn a_dlq_that_refuses_a_record_for_anything_but_size_is_a_setup_problem() {
+    fn a_dlq_that_refuses_a_record_for_anything_but_size_is_waited_out() {
         let mut outbox = Outbox::default();
         outbox.add_dead_letters(&[DeadLetter {
             key: None,
@@ -517,7 +519,16 @@ mod tests {
             source_topic: "in".into(),
             origin: None,
         }]);
-        let error = outbox.settle(0, failed(RDKafkaErrorCode::InvalidRecord));
-        assert!(matches!(error, Some(SinkError::Config(text)) if text.contains("DLQ")));
+        let error = outbox
+            .settle(0, failed(RDKafkaErrorCode::InvalidRecord))
+            .expect("reported");
+        assert_eq!(
+            crate::retry::classify(&error),
+            crate::retry::Disposition::Retry
+        );
+        assert!(error
+            .to_string()
+            .starts_with("the DLQ refuses a dead letter: "));
+        assert_eq!(outbox.records[0].1, Fate::Pending, "never skipped");
     }
 }
