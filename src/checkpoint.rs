@@ -121,7 +121,7 @@ impl Checkpoint {
             .await?;
         }
         crate::failpoint!("after-postgres");
-        self.mark_refused(&notifications, &refused);
+        self.mark_refused(notifications.iter().copied(), &refused);
 
         // Left out too: what a batch delivering meanwhile found refused.
         let accepted = notifications
@@ -135,10 +135,7 @@ impl Checkpoint {
         }
         crate::failpoint!("after-sinks");
         let pushed_refused = outbox.refused();
-        self.mark_refused(
-            &batch.plan.notifications.iter().collect::<Vec<_>>(),
-            &pushed_refused,
-        );
+        self.mark_refused(batch.plan.notifications.iter(), &pushed_refused);
         for (key, reason) in pushed_refused {
             refused.entry(key).or_insert(reason);
         }
@@ -147,7 +144,11 @@ impl Checkpoint {
 
     /// Shares what a sink refused at once, before the batch is recorded, so
     /// that the batches delivering meanwhile push none of it.
-    fn mark_refused(&self, notifications: &[&Notification], refused: &Refusals) {
+    fn mark_refused<'a>(
+        &self,
+        notifications: impl Iterator<Item = &'a Notification>,
+        refused: &Refusals,
+    ) {
         for n in notifications {
             if refused.contains_key(&key_of(&n.campaign)) {
                 self.refused.insert(&n.campaign);

@@ -289,14 +289,12 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
             }
             fresh += 1;
             batch.positions.insert(m.partition, m.offset + 1);
+            let origin = promo_fanout_state::Origin {
+                partition: m.partition,
+                offset: m.offset,
+            };
             match action::decode(m.value.as_deref(), &limits) {
-                Ok(action) => arrivals.push(fanout::Arrival {
-                    action,
-                    origin: promo_fanout_state::Origin {
-                        partition: m.partition,
-                        offset: m.offset,
-                    },
-                }),
+                Ok(action) => arrivals.push(fanout::Arrival { action, origin }),
                 Err(invalid) => {
                     tracing::warn!(partition = m.partition, offset = m.offset, error = %invalid, "bad input; sending it to the DLQ");
                     batch.dead.push(DeadLetter {
@@ -304,10 +302,7 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
                         value: m.value,
                         error: invalid.0,
                         source_topic: settings.input_topic.clone(),
-                        origin: Some(promo_fanout_state::Origin {
-                            partition: m.partition,
-                            offset: m.offset,
-                        }),
+                        origin: Some(origin),
                     });
                 }
             }

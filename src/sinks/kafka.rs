@@ -146,35 +146,18 @@ impl Record {
     /// headers that say what was left out: for a dead letter too large for
     /// the DLQ. `None` once there is nothing left to leave out.
     fn without_payload(&self) -> Option<Record> {
-        let (part, bytes) = match (&self.value, &self.key) {
-            (Some(v), _) => ("value", v),
-            (None, Some(k)) => ("key", k),
-            (None, None) => return None,
-        };
         let mut smaller = self.clone();
-        smaller.headers.extend([
-            (
-                if part == "value" {
-                    "value_omitted_bytes"
-                } else {
-                    "key_omitted_bytes"
-                },
-                bytes.len().to_string().into_bytes(),
-            ),
-            (
-                if part == "value" {
-                    "value_omitted_sha256"
-                } else {
-                    "key_omitted_sha256"
-                },
-                hex(&Sha256::digest(bytes)).into_bytes(),
-            ),
-        ]);
-        if part == "value" {
-            smaller.value = None;
+        let (omitted, size_header, hash_header) = if let Some(v) = smaller.value.take() {
+            (v, "value_omitted_bytes", "value_omitted_sha256")
+        } else if let Some(k) = smaller.key.take() {
+            (k, "key_omitted_bytes", "key_omitted_sha256")
         } else {
-            smaller.key = None;
-        }
+            return None;
+        };
+        smaller.headers.extend([
+            (size_header, omitted.len().to_string().into_bytes()),
+            (hash_header, hex(&Sha256::digest(&omitted)).into_bytes()),
+        ]);
         Some(smaller)
     }
 }
