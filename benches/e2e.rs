@@ -279,7 +279,8 @@ impl Bench {
     /// Raw Postgres ingest of feedback-shaped rows into the indexed table:
     /// COPY, and multi-row INSERT … ON CONFLICT DO NOTHING in batches of 5,000.
     fn raw_postgres(&mut self, n: u64) -> f64 {
-        let (name, url) = scratch_db(&self.admin_url, "pf_e2e");
+        let scratch = scratch_db(&self.admin_url, "pf_e2e");
+        let url = scratch.url.clone();
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         let r = Uuid::new_v4();
         let line = |k: Uuid, c: Uuid| {
@@ -324,7 +325,7 @@ impl Bench {
         }
         let insert = n as f64 / started.elapsed().as_secs_f64();
         drop(pg);
-        drop_db(&self.admin_url, &name);
+        drop_db(&scratch);
         self.row(
             "raw Postgres COPY",
             format!("{copy:.0} rows/s"),
@@ -369,7 +370,8 @@ impl Bench {
 
     /// The service end to end: notifications/s committed on both sinks.
     fn throughput(&mut self, load: &Load) -> f64 {
-        let (name, url) = scratch_db(&self.admin_url, "pf_e2e");
+        let scratch = scratch_db(&self.admin_url, "pf_e2e");
+        let (name, url) = (scratch.name.clone(), scratch.url.clone());
         let actions = load.subscribe(&url);
         let t = self.topics(PARTITIONS);
         let state = tempfile::tempdir().unwrap();
@@ -385,7 +387,7 @@ impl Bench {
         assert_eq!(rows as f64, expected, "every notification is in Postgres");
         let _ = child.kill();
         let _ = child.wait();
-        drop_db(&self.admin_url, &name);
+        drop_db(&scratch);
         self.row(
             "promo-fanout end to end",
             format!("{rate:.0} notifications/s"),
@@ -411,7 +413,8 @@ impl Bench {
             );
             return None;
         }
-        let (db, url) = scratch_db(&self.admin_url, "pf_peer");
+        let scratch = scratch_db(&self.admin_url, "pf_peer");
+        let (db, url) = (scratch.name.clone(), scratch.url.clone());
         let actions = load.subscribe(&url);
         let warm = Uuid::new_v4();
         subscribe(&url, warm, 1);
@@ -500,7 +503,7 @@ impl Bench {
         let _ = child.kill();
         let _ = child.wait();
         drop(pg);
-        drop_db(&self.admin_url, &db);
+        drop_db(&scratch);
         match result {
             Ok((rate, startup)) => {
                 self.row(
@@ -527,7 +530,8 @@ impl Bench {
 
     /// Steady load: action produced → push message read back.
     fn latency(&mut self, rate: u64, seconds: u64) {
-        let (name, url) = scratch_db(&self.admin_url, "pf_e2e");
+        let scratch = scratch_db(&self.admin_url, "pf_e2e");
+        let (name, url) = (scratch.name.clone(), scratch.url.clone());
         // One more second up front, not counted: the first fetches of a
         // fresh consumer and topic are slow on the local broker.
         let n = rate * seconds;
@@ -640,7 +644,7 @@ impl Bench {
         };
         let _ = child.kill();
         let _ = child.wait();
-        drop_db(&self.admin_url, &name);
+        drop_db(&scratch);
         let figures = (q(0.5), q(0.95), q(0.99));
         self.latencies.push((rate, lat.clone()));
         self.row(
@@ -660,7 +664,8 @@ impl Bench {
     /// One action for a restaurant with `n` subscribers.
     /// `rate`: the end-to-end rate of this run, for the target.
     fn hot(&mut self, n: u64, rate: Option<f64>) {
-        let (name, url) = scratch_db(&self.admin_url, "pf_e2e");
+        let scratch = scratch_db(&self.admin_url, "pf_e2e");
+        let (name, url) = (scratch.name.clone(), scratch.url.clone());
         let r = Uuid::new_v4();
         subscribe(&url, r, n);
         let t = self.topics(PARTITIONS);
@@ -679,7 +684,7 @@ impl Bench {
         let rss = peak_rss_mib(child.id());
         let _ = child.kill();
         let _ = child.wait();
-        drop_db(&self.admin_url, &name);
+        drop_db(&scratch);
         self.row(
             "hot restaurant",
             format!("{wall:.1} s, peak RSS {rss:.0} MiB"),
@@ -696,7 +701,8 @@ impl Bench {
 
     /// Snapshot of `n` rows, then a restart with the mirror present.
     fn mirror(&mut self, n: u64) {
-        let (name, url) = scratch_db(&self.admin_url, "pf_e2e");
+        let scratch = scratch_db(&self.admin_url, "pf_e2e");
+        let (name, url) = (scratch.name.clone(), scratch.url.clone());
         postgres::Client::connect(&url, postgres::NoTls)
             .unwrap()
             .execute(
@@ -716,7 +722,7 @@ impl Bench {
         let restart = self.wait_ready(&metrics, Duration::from_secs(600));
         let _ = child.kill();
         let _ = child.wait();
-        drop_db(&self.admin_url, &name);
+        drop_db(&scratch);
         self.row(
             "mirror snapshot",
             format!("{:.1} s", snapshot.as_secs_f64()),

@@ -56,7 +56,8 @@ fn main() {
     let rate: u64 = env_or("PF_BENCH_RATE", 200);
     let seconds: u64 = env_or("PF_BENCH_SECONDS", 30);
 
-    let (name, url) = scratch_db(&admin, "pf_bench");
+    let scratch = scratch_db(&admin, "pf_bench");
+    let (name, url) = (scratch.name.clone(), scratch.url.clone());
 
     let mock = MockCluster::new(1).unwrap();
     for t in ["actions", "push", "dlq"] {
@@ -135,5 +136,5 @@ fn main() {
     let _ = child.kill();
     let _ = child.wait();
     drop(pg);
-    drop_db(&admin, &name);
+    drop_db(&scratch);
 }

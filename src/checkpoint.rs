@@ -1,16 +1,22 @@
-//! The delivery order: [`Checkpoint::deliver`] then [`Checkpoint::record`]
-//! make a batch durable everywhere or nowhere.
+//! The delivery order. A [`Committer`] takes each planned batch through it:
+//! [`Checkpoint::deliver`] (Postgres, then Kafka) as soon as it is planned,
+//! then [`Checkpoint::record`] (dead letters of refused campaigns, the store,
+//! the consumer offsets) after every batch planned before it. A batch is
+//! durable everywhere or, after a crash, replayed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesOrdered, StreamExt};
 use promo_fanout_state::{Campaign, Commit, Origin, Store};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::fanout::{key_of, CampaignKey, Notification, Plan};
-use crate::health::Health;
-use crate::retry::{until_done, SinkError, Stopped};
+use crate::infra::health::Health;
+use crate::infra::retry::{until_done, Stopped};
 use crate::sinks::{DeadLetter, FeedbackSink, KafkaSink, Outbox, Refusals};
 use crate::source::Source;
 
@@ -26,6 +32,10 @@ pub struct Batch {
     /// Late-subscriber markers this batch has handled (restaurant, client,
     /// marker): cleared with its sent entries.
     pub late: Vec<(uuid::Uuid, uuid::Uuid, u64)>,
+    /// Input messages read for this batch (for metrics).
+    pub messages: u64,
+    /// How many of the notifications are for late subscribers.
+    pub late_notifications: u64,
 }
 
 /// A campaign as one action made it: its ids and the message that carried
@@ -37,9 +47,9 @@ fn version(c: &Campaign) -> Version {
 }
 
 /// The campaign versions the sinks have refused since start, shared by every
-/// delivery and the recorder. Batches planned before the planner heard of a
+/// delivery and record. Batches planned before the planner heard of a
 /// refusal still carry the refused version: their deliveries leave it out
-/// at each sink, and the recorder leaves it out of the store. A later
+/// at each sink, and their records leave it out of the store. A later
 /// action for the same ids is a new version and goes through.
 #[derive(Debug, Default)]
 pub struct Refused {
@@ -102,7 +112,7 @@ impl Checkpoint {
     pub async fn deliver(
         &self,
         batch: &Batch,
-        shutdown: &watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> Result<Refusals, Stopped> {
         let notifications: Vec<&Notification> = batch
             .plan
@@ -115,7 +125,7 @@ impl Checkpoint {
             refused = until_done(
                 "postgres",
                 || self.feedback.write(&notifications),
-                &mut shutdown.clone(),
+                shutdown,
                 |ok| self.health.feedback.set_ok(ok),
             )
             .await?;
@@ -177,7 +187,7 @@ impl Checkpoint {
         refused: Refusals,
         source: &Source,
         started: Instant,
-        shutdown: &watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> Result<Vec<Version>, Stopped> {
         let refusals = self.refusals(batch, refused);
         self.dead_letter(&refusals.letters, shutdown).await?;
@@ -219,7 +229,7 @@ impl Checkpoint {
         tokio::task::spawn_blocking(move || store.commit(commit))
             .await
             .expect("the store commit does not panic")
-            .map_err(|e| Stopped::Fatal(SinkError::Store(e)))?;
+            .map_err(|e| Stopped::Fatal(e.into()))?;
         crate::failpoint!("after-store-commit");
 
         if let Err(error) = source.commit(&batch.positions) {
@@ -232,6 +242,7 @@ impl Checkpoint {
         metrics::counter!("promo_fanout_notifications_sent_total").increment(sent);
         metrics::counter!("promo_fanout_campaigns_refused_total")
             .increment(refusals.lettered.len() as u64);
+        report(batch);
         Ok(refusals.lettered)
     }
 
@@ -251,7 +262,7 @@ impl Checkpoint {
                     .notifications
                     .iter()
                     .find(|n| key_of(&n.campaign) == key)
-                    .map(|n| &*n.campaign)
+                    .map(|n| &n.campaign)
             });
             let Some(campaign) = latest else { continue };
             if !self.refused.first_letter(version(campaign)) {
@@ -279,7 +290,7 @@ impl Checkpoint {
     async fn dead_letter(
         &self,
         letters: &[DeadLetter],
-        shutdown: &watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> Result<(), Stopped> {
         if letters.is_empty() {
             return Ok(());
@@ -296,13 +307,13 @@ impl Checkpoint {
         &self,
         what: &'static str,
         outbox: Outbox,
-        shutdown: &watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> Result<Outbox, Stopped> {
         let outbox = tokio::sync::Mutex::new(outbox);
         until_done(
             what,
             || async { self.kafka.send(&mut *outbox.lock().await).await },
-            &mut shutdown.clone(),
+            shutdown,
             |ok| self.health.producer.set_ok(ok),
         )
         .await?;
@@ -328,4 +339,170 @@ impl Sorted {
     fn leaves_out(&self, c: &Campaign) -> bool {
         self.here.contains(&key_of(c)) || self.refused.contains(&version(c))
     }
+}
+
+/// A recorded batch's counts, to the metrics and, if it did anything, the log.
+fn report(batch: &Batch) {
+    let tally = batch.plan.tally;
+    let notifications = batch.plan.notifications.len();
+    metrics::counter!("promo_fanout_messages_consumed_total").increment(batch.messages);
+    metrics::counter!("promo_fanout_messages_invalid_total").increment(batch.dead.len() as u64);
+    metrics::counter!("promo_fanout_actions_expired_total").increment(tally.expired);
+    metrics::counter!("promo_fanout_actions_scheduled_total").increment(tally.scheduled);
+    metrics::counter!("promo_fanout_actions_eligible_total").increment(tally.eligible);
+    metrics::counter!("promo_fanout_actions_updated_total").increment(tally.updated);
+    metrics::counter!("promo_fanout_late_notifications_total").increment(batch.late_notifications);
+    if batch.messages > 0 || notifications > 0 || batch.late_notifications > 0 {
+        tracing::info!(
+            messages = batch.messages,
+            invalid = batch.dead.len(),
+            eligible = tally.eligible,
+            scheduled = tally.scheduled,
+            expired = tally.expired,
+            updated = tally.updated,
+            notifications,
+            late = batch.late_notifications,
+            "batch committed"
+        );
+    }
+}
+
+/// How long a delivery may go without an answer before it says so.
+const STUCK_DELIVERY: Duration = Duration::from_secs(15);
+
+/// A batch that went through the whole delivery order.
+#[derive(Debug)]
+pub struct Recorded {
+    pub batch: Arc<Batch>,
+    /// The campaign versions the sinks refused, dead-lettered now: the
+    /// planner forgets them.
+    pub refused: Vec<Version>,
+}
+
+/// Owns the delivery order for the batches in flight:
+///
+/// 1. [`submit`](Committer::submit) a planned batch: its delivery to both
+///    sinks starts at once, in a task of its own, up to `pipeline-depth`
+///    batches at a time (the caller waits for [`next`](Committer::next)
+///    while [`is_full`](Committer::is_full));
+/// 2. each task records its batch (dead letters, store, consumer offsets)
+///    once the batch submitted before it is recorded, so the store moves
+///    in the order batches were planned;
+/// 3. [`next`](Committer::next) yields the batches as they are recorded, in
+///    that order: the caller moves the reported positions on and feeds the
+///    refusals back to the planner;
+/// 4. on shutdown the caller drains what is in flight with `next` (an outage
+///    under way is abandoned after a grace period and replayed after the
+///    restart); on an error it [`abort`](Committer::abort)s.
+///
+/// A batch whose delivery fails stops every batch after it from being
+/// recorded: their positions would skip it.
+pub struct Committer {
+    checkpoint: Arc<Checkpoint>,
+    source: Arc<crate::source::Source>,
+    depth: usize,
+    shutdown: CancellationToken,
+    in_flight: FuturesOrdered<AbortOnDropHandle<Result<Recorded, Stopped>>>,
+    /// Every task, so that none outlives an abort.
+    tasks: TaskTracker,
+    /// Fires once the batch submitted last is recorded.
+    previous: Option<oneshot::Receiver<()>>,
+}
+
+impl Committer {
+    pub fn new(
+        checkpoint: Arc<Checkpoint>,
+        source: Arc<crate::source::Source>,
+        depth: usize,
+        shutdown: CancellationToken,
+    ) -> Committer {
+        Committer {
+            checkpoint,
+            source,
+            depth,
+            shutdown,
+            in_flight: FuturesOrdered::new(),
+            tasks: TaskTracker::new(),
+            previous: None,
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.in_flight.len() >= self.depth
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.in_flight.is_empty()
+    }
+
+    /// Starts taking `batch` through the delivery order.
+    pub fn submit(&mut self, batch: Batch) {
+        let (recorded, next) = oneshot::channel();
+        let task = commit(
+            self.checkpoint.clone(),
+            self.source.clone(),
+            Arc::new(batch),
+            self.previous.replace(next),
+            recorded,
+            self.shutdown.clone(),
+        );
+        let handle = AbortOnDropHandle::new(self.tasks.spawn(task));
+        self.in_flight.push_back(handle);
+    }
+
+    /// The next batch recorded, in the order submitted; never resolves while
+    /// nothing is in flight.
+    pub async fn next(&mut self) -> Result<Recorded, Stopped> {
+        match self.in_flight.next().await {
+            Some(outcome) => outcome.expect("a delivery does not panic"),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops every batch in flight (they are replayed after a restart) and
+    /// waits until their tasks have ended.
+    pub async fn abort(self) {
+        drop(self.in_flight);
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// One batch through the delivery order, in its own task.
+async fn commit(
+    checkpoint: Arc<Checkpoint>,
+    source: Arc<crate::source::Source>,
+    batch: Arc<Batch>,
+    previous: Option<oneshot::Receiver<()>>,
+    recorded: oneshot::Sender<()>,
+    shutdown: CancellationToken,
+) -> Result<Recorded, Stopped> {
+    let started = Instant::now();
+    // A sink that fails is retried and logged by the delivery itself; one
+    // that neither answers nor fails would be silent, so say so here.
+    let refusals = {
+        let delivery = checkpoint.deliver(&batch, &shutdown);
+        tokio::pin!(delivery);
+        loop {
+            match tokio::time::timeout(STUCK_DELIVERY, &mut delivery).await {
+                Ok(outcome) => break outcome?,
+                Err(_) => tracing::warn!(
+                    seconds = started.elapsed().as_secs(),
+                    notifications = batch.plan.notifications.len(),
+                    "a batch is still being delivered without an error: waiting on a \
+                     Postgres commit or the broker's acknowledgements"
+                ),
+            }
+        }
+    };
+    if let Some(previous) = previous {
+        // The batch before was not recorded (it failed, or the service is
+        // stopping): recording this one would skip it.
+        previous.await.map_err(|_| Stopped::Shutdown)?;
+    }
+    let refused = checkpoint
+        .record(&batch, refusals, &source, started, &shutdown)
+        .await?;
+    let _ = recorded.send(());
+    Ok(Recorded { batch, refused })
 }

@@ -185,7 +185,7 @@ pub struct Tally {
 /// the sinks and the store by the checkpoint, never partly.
 #[derive(Debug, Default)]
 pub struct Plan {
-    pub puts: BTreeMap<CampaignKey, Campaign>,
+    pub puts: BTreeMap<CampaignKey, Arc<Campaign>>,
     pub deletes: Vec<CampaignKey>,
     pub notifications: Vec<Notification>,
     pub tally: Tally,
@@ -193,6 +193,10 @@ pub struct Plan {
     /// not starve the others.
     pub next_turn: Option<CampaignKey>,
 }
+
+/// The campaigns a planner knows: shared with the batches in flight, never
+/// copied.
+pub type Campaigns = BTreeMap<CampaignKey, Arc<Campaign>>;
 
 /// The decisions' parameters.
 #[derive(Debug, Clone, Copy)]
@@ -212,43 +216,18 @@ pub struct Rules {
 /// notifications.
 pub fn plan<V: StateView + ?Sized>(
     view: &V,
-    campaigns: &BTreeMap<CampaignKey, Campaign>,
+    campaigns: &Campaigns,
     arrivals: &[Arrival],
     rules: Rules,
     turn: Option<CampaignKey>,
 ) -> Result<Plan, StoreError> {
     let mut plan = Plan::default();
     for arrival in arrivals {
-        let a = &arrival.action;
-        let key = (a.restaurant_id, a.adv_campaign_id);
-        let existing = plan.puts.get(&key).or_else(|| campaigns.get(&key));
-        let t = timing(
-            a.adv_campaign_datetime_start,
-            a.adv_campaign_datetime_end,
-            rules.now,
-            rules.margin,
-        );
-        match (existing.is_some(), t) {
-            (false, Timing::Expired) => plan.tally.expired += 1,
-            (true, _) => {
-                plan.tally.updated += 1;
-                let merged = merge(existing, arrival);
-                plan.puts.insert(key, merged);
-            }
-            (false, t) => {
-                if t == Timing::Scheduled {
-                    plan.tally.scheduled += 1;
-                } else {
-                    plan.tally.eligible += 1;
-                }
-                plan.puts.insert(key, merge(None, arrival));
-            }
-        }
+        plan.take(campaigns, arrival, &rules);
     }
-
     // Every known campaign, with this batch's changes over the stored ones,
     // in key order starting at `turn`.
-    let mut all: BTreeMap<CampaignKey, &Campaign> =
+    let mut all: BTreeMap<CampaignKey, &Arc<Campaign>> =
         campaigns.iter().map(|(k, v)| (*k, v)).collect();
     for (k, v) in &plan.puts {
         all.insert(*k, v);
@@ -256,28 +235,19 @@ pub fn plan<V: StateView + ?Sized>(
     let (before, from): (Vec<_>, Vec<_>) = all
         .into_iter()
         .partition(|(k, _)| turn.is_some_and(|t| *k <= t));
-    let order: Vec<(CampaignKey, Campaign)> = from
+    let order: Vec<(CampaignKey, Arc<Campaign>)> = from
         .into_iter()
         .chain(before)
         .map(|(k, c)| (k, c.clone()))
         .collect();
 
     let mut budget = rules.budget;
-    for (key, mut campaign) in order {
+    for (key, campaign) in order {
         match campaign_timing(&campaign, rules.now, rules.margin) {
             Timing::Eligible if campaign.progress != Progress::Done && budget > 0 => {
                 let chunk = next_chunk(view, &campaign, budget)?;
                 budget = budget.saturating_sub(chunk.recipients.len().max(1));
-                campaign.progress = chunk.progress;
-                let shared = Arc::new(campaign.clone());
-                plan.notifications
-                    .extend(chunk.recipients.into_iter().map(|client_id| Notification {
-                        campaign: shared.clone(),
-                        client_id,
-                        trigger_datetime_created: rules.now,
-                    }));
-                plan.puts.insert(key, campaign);
-                plan.next_turn = Some(key);
+                plan.fan_out(key, &campaign, chunk, rules.now);
             }
             Timing::Expired
                 if rules.now
@@ -295,6 +265,48 @@ pub fn plan<V: StateView + ?Sized>(
     Ok(plan)
 }
 
+impl Plan {
+    /// Merges one arrival into the campaigns as this plan leaves them.
+    fn take(&mut self, campaigns: &Campaigns, arrival: &Arrival, rules: &Rules) {
+        let a = &arrival.action;
+        let key = (a.restaurant_id, a.adv_campaign_id);
+        let existing = self.puts.get(&key).or_else(|| campaigns.get(&key));
+        let t = timing(
+            a.adv_campaign_datetime_start,
+            a.adv_campaign_datetime_end,
+            rules.now,
+            rules.margin,
+        );
+        match (existing, t) {
+            (None, Timing::Expired) => self.tally.expired += 1,
+            (Some(_), _) => self.tally.updated += 1,
+            (None, Timing::Scheduled) => self.tally.scheduled += 1,
+            (None, _) => self.tally.eligible += 1,
+        }
+        if existing.is_some() || t != Timing::Expired {
+            let merged = merge(existing.map(|c| &**c), arrival);
+            self.puts.insert(key, Arc::new(merged));
+        }
+    }
+
+    /// One chunk of a campaign's fan-out: its notifications, and the
+    /// campaign with its progress moved on.
+    fn fan_out(&mut self, key: CampaignKey, campaign: &Campaign, chunk: Chunk, now: i64) {
+        let moved = Arc::new(Campaign {
+            progress: chunk.progress,
+            ..campaign.clone()
+        });
+        self.notifications
+            .extend(chunk.recipients.into_iter().map(|client_id| Notification {
+                campaign: moved.clone(),
+                client_id,
+                trigger_datetime_created: now,
+            }));
+        self.puts.insert(key, moved);
+        self.next_turn = Some(key);
+    }
+}
+
 /// Late subscribers: clients the mirror saw subscribe (`markers`: restaurant,
 /// client, marker) after the fan-out of a campaign had passed their place in
 /// it. Each still subscribed gets every eligible campaign of the restaurant
@@ -302,7 +314,7 @@ pub fn plan<V: StateView + ?Sized>(
 /// fan-out has yet to reach them will reach them anyway.
 pub fn late<V: StateView + ?Sized>(
     view: &V,
-    campaigns: &BTreeMap<CampaignKey, Campaign>,
+    campaigns: &Campaigns,
     markers: &[(Uuid, Uuid, u64)],
     rules: &Rules,
 ) -> Result<Vec<Notification>, StoreError> {
@@ -325,7 +337,7 @@ pub fn late<V: StateView + ?Sized>(
                 continue;
             }
             out.push(Notification {
-                campaign: Arc::new(campaign.clone()),
+                campaign: campaign.clone(),
                 client_id: *c,
                 trigger_datetime_created: rules.now,
             });
@@ -557,7 +569,7 @@ mod tests {
         let m = Memory::default();
         let mut stored = BTreeMap::new();
         let c = merge(None, &action(1, 5, 0, 1000));
-        stored.insert(key_of(&c), c);
+        stored.insert(key_of(&c), Arc::new(c));
         let soon = plan(&m, &stored, &[], rules(2000), None).unwrap();
         assert!(soon.deletes.is_empty());
         let late = plan(&m, &stored, &[], rules(1000 + 3601), None).unwrap();
@@ -579,13 +591,13 @@ mod tests {
             live(12, Progress::After(u(9))),
             live(13, Progress::NotStarted),
         ] {
-            campaigns.insert(key_of(&c), c);
+            campaigns.insert(key_of(&c), Arc::new(c));
         }
         let over = Campaign {
             progress: Progress::Done,
             ..merge(None, &action(1, 14, now - 7200, now - 60))
         };
-        campaigns.insert(key_of(&over), over);
+        campaigns.insert(key_of(&over), Arc::new(over));
         view.subs.insert((u(1), u(7)));
         view.sent.insert((u(1), u(12), u(7)));
         let markers = [(u(1), u(7), 3), (u(1), u(7), 4), (u(1), u(8), 5)];

@@ -1,24 +1,17 @@
 //! promo-fanout: restaurant promotions fanned out to their subscribers, to
 //! Kafka and Postgres, crash-safe. The data path, top to bottom:
-//! [`source`] → [`mirror`] → [`fanout`] → [`sinks`] → [`checkpoint`], driven
-//! by [`pipeline`].
+//! [`source`] → [`action`] → [`planner`] ([`fanout`] over the [`mirror`]) →
+//! [`checkpoint`] ([`sinks`], then the store), driven by [`pipeline`].
+//! Beside it: [`config`], [`infra`] and the [`commands`] besides `run`.
 
 pub mod action;
-pub mod cdc;
 pub mod checkpoint;
-pub mod clock;
+pub mod commands;
 pub mod config;
-pub mod demo;
-pub mod dump;
-pub mod failpoint;
 pub mod fanout;
-pub mod health;
-pub mod migrate;
+pub mod infra;
 pub mod mirror;
-pub mod pgoutput;
 pub mod pipeline;
-pub mod rebuild;
-pub mod retry;
-pub mod set_position;
+pub mod planner;
 pub mod sinks;
 pub mod source;

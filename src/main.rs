@@ -4,8 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use promo_fanout::config::{LogFormat, Settings, SettingsArgs};
-use tokio::sync::watch;
+use promo_fanout::config::{Settings, SettingsArgs};
 
 #[derive(Parser)]
 #[command(
@@ -74,8 +73,8 @@ fn main() -> ExitCode {
     } else {
         "info,rdkafka=warn"
     };
-    init_logging(settings.log_format, default_level);
-    if let Err(e) = promo_fanout::failpoint::setup() {
+    promo_fanout::infra::process::init_logging(settings.log_format, default_level);
+    if let Err(e) = promo_fanout::infra::failpoint::setup() {
         eprintln!("promo-fanout: {e}");
         return ExitCode::from(2);
     }
@@ -93,11 +92,11 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Run => {
-            let shutdown = shutdown_on_signal();
+            let shutdown = promo_fanout::infra::process::shutdown_on_signal();
             promo_fanout::pipeline::run(settings, shutdown).await?;
         }
         Command::Migrate => {
-            let applied = promo_fanout::migrate::migrate(&settings.postgres_url).await?;
+            let applied = promo_fanout::commands::migrate::migrate(&settings.postgres_url).await?;
             if applied.is_empty() {
                 println!("migrations: up to date");
             }
@@ -109,50 +108,26 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             command: StateCommand::Dump { table },
         } => {
             let stdout = std::io::stdout();
-            promo_fanout::dump::dump(&settings.state_dir, table.as_deref(), &mut stdout.lock())?;
+            promo_fanout::commands::dump::dump(
+                &settings.state_dir,
+                table.as_deref(),
+                &mut stdout.lock(),
+            )?;
         }
         Command::State {
             command: StateCommand::Rebuild,
         } => {
-            let report = promo_fanout::rebuild::rebuild(&settings).await?;
+            let report = promo_fanout::commands::rebuild::rebuild(&settings).await?;
             println!("{report}");
         }
         Command::State {
             command: StateCommand::SetPosition { partition, offset },
         } => {
-            let moved = promo_fanout::set_position::set_position(&settings, partition, offset)?;
+            let moved =
+                promo_fanout::commands::set_position::set_position(&settings, partition, offset)?;
             println!("{moved}");
         }
-        Command::Demo => promo_fanout::demo::demo(settings).await?,
+        Command::Demo => promo_fanout::commands::demo::demo(settings).await?,
     }
     Ok(())
-}
-
-/// SIGTERM or Ctrl-C turns the returned flag true: the batch in flight
-/// finishes, commits, and the service exits 0.
-fn shutdown_on_signal() -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutdown requested; finishing the batch in flight");
-        let _ = tx.send(true);
-    });
-    rx
-}
-
-fn init_logging(format: LogFormat, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{OutOfRange, Settings};
-use crate::retry::SinkError;
+use crate::infra::retry::Failure;
 use crate::sinks::kafka_config;
 
 /// Why the input could not be positioned.
@@ -102,20 +102,20 @@ impl Source {
     }
 
     /// The input topic's partitions, from the broker's metadata.
-    pub fn partitions(&self, timeout: Duration) -> Result<Vec<i32>, SinkError> {
+    pub fn partitions(&self, timeout: Duration) -> Result<Vec<i32>, Failure> {
         let metadata = tokio::task::block_in_place(|| {
             self.consumer.fetch_metadata(Some(&self.topic), timeout)
         })
-        .map_err(SinkError::Kafka)?;
+        .map_err(Failure::Kafka)?;
         let topic = metadata
             .topics()
             .iter()
             .find(|t| t.name() == self.topic)
-            .ok_or(SinkError::Kafka(KafkaError::MetadataFetch(
+            .ok_or(Failure::Kafka(KafkaError::MetadataFetch(
                 rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
             )))?;
         if let Some(err) = topic.error() {
-            return Err(SinkError::Kafka(KafkaError::MetadataFetch(err.into())));
+            return Err(Failure::Kafka(KafkaError::MetadataFetch(err.into())));
         }
         Ok(topic.partitions().iter().map(|p| p.id()).collect())
     }
@@ -271,7 +271,7 @@ impl Source {
 /// is stopped or dropped.
 pub fn report_lag(
     settings: &Settings,
-    health: std::sync::Arc<crate::health::Health>,
+    health: std::sync::Arc<crate::infra::health::Health>,
     partitions: Vec<i32>,
     positions: watch::Receiver<BTreeMap<i32, i64>>,
     every: Duration,

@@ -1,5 +1,6 @@
-//! Nothing a producer sends stops the pipeline: a value too large even for
-//! the DLQ is dead-lettered without its bytes, a campaign Postgres refuses for
+//! Nothing a producer sends stops the pipeline: a value too large for the
+//! pipeline is dead-lettered whole, or without its bytes if the broker
+//! refuses even that, a campaign Postgres refuses for
 //! what is in it (a rule the decoder cannot know) is isolated and
 //! dead-lettered with Postgres's own error while the rest of its batch is
 //! delivered once, and a sink that fails keeps its own part of `/readyz`
@@ -16,8 +17,23 @@ use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// 1.5 MB: over `max-message-bytes` (256 KiB) and over the 1,000,000 bytes
+/// the push producer may send, but not over what the broker takes.
+fn oversized_action(restaurant: Uuid) -> Vec<u8> {
+    let mut big = live_action(restaurant, Uuid::new_v4());
+    big["adv_campaign_content"] = "x".repeat(1_500_000).into();
+    big.to_string().into_bytes()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[test]
-fn a_value_too_large_for_the_dlq_is_dead_lettered_without_its_bytes() {
+fn a_value_too_large_for_the_pipeline_is_dead_lettered_whole() {
     let db = Db::migrated();
     let topics = Topics::new(1);
     let state = tempfile::tempdir().unwrap();
@@ -25,11 +41,7 @@ fn a_value_too_large_for_the_dlq_is_dead_lettered_without_its_bytes() {
     db.subscribe(r, client);
     let mut service = Service::start(&db, &topics, state.path(), &[]);
 
-    // 1.5 MB: over max-message-bytes (256 KiB), and over the 1,000,000 bytes
-    // the service's producer may send to the DLQ.
-    let mut big = live_action(r, Uuid::new_v4());
-    big["adv_campaign_content"] = "x".repeat(1_500_000).into();
-    let big = big.to_string().into_bytes();
+    let big = oversized_action(r);
     let p = Producer::with(&brokers(), &[("message.max.bytes", "4000000")]);
     p.send(&topics.input, Some(b"big"), &big, Some(0));
     p.send_action(&topics.input, &live_action(r, k));
@@ -40,7 +52,11 @@ fn a_value_too_large_for_the_dlq_is_dead_lettered_without_its_bytes() {
     dlq.until(1, WAIT);
     let letter = &dlq.seen[0];
     assert_eq!(letter.key.as_deref(), Some(&b"big"[..]));
-    assert_eq!(letter.value, None, "written without its value");
+    assert_eq!(
+        letter.value.as_ref().map(|v| sha256_hex(v)),
+        Some(sha256_hex(&big)),
+        "the DLQ producer takes what the broker takes: the value is whole"
+    );
     let h = &letter.headers;
     assert!(
         h["error"].starts_with(&format!(
@@ -49,14 +65,63 @@ fn a_value_too_large_for_the_dlq_is_dead_lettered_without_its_bytes() {
         )),
         "{h:?}"
     );
-    assert_eq!(h["value_omitted_bytes"], big.len().to_string());
-    let sha: String = Sha256::digest(&big)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    assert_eq!(h["value_omitted_sha256"], sha);
+    assert!(!h.contains_key("value_omitted_bytes"), "{h:?}");
     assert_eq!(h["source_offset"], "0");
     assert!(service.child.try_wait().unwrap().is_none(), "still running");
+    assert!(service.stop().success());
+}
+
+/// The broker refuses the dead letter for its size (staged with librdkafka's
+/// mock cluster, which has no size limit of its own): it is written again
+/// without its value, with headers that identify what was left out, and the
+/// pipeline goes on.
+#[test]
+fn a_dead_letter_the_broker_finds_too_large_is_written_without_its_bytes() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let db = Db::migrated();
+    let state = tempfile::tempdir().unwrap();
+    let mock = MockCluster::new(1).unwrap();
+    let topics = Topics::on_mock(&mock);
+    let (r, client) = (Uuid::new_v4(), Uuid::new_v4());
+    db.subscribe(r, client);
+    let big = oversized_action(r);
+    let p = Producer::with(
+        &mock.bootstrap_servers(),
+        &[("message.max.bytes", "4000000")],
+    );
+    p.send(&topics.input, Some(b"big"), &big, Some(0));
+    // The dead letter is the service's first produce request, and the broker
+    // refuses it.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+
+    let mut args = Service::settings(&db, &topics, state.path());
+    Service::set_flag(&mut args, "--brokers", mock.bootstrap_servers());
+    let mut service = Service::spawn(args, vec![], state.path());
+    let mut dlq = Reader::on(&mock.bootstrap_servers(), &topics.dlq);
+    dlq.until(1, WAIT);
+    let letter = &dlq.seen[0];
+    assert_eq!(letter.key.as_deref(), Some(&b"big"[..]));
+    assert_eq!(letter.value, None, "written without its value");
+    let h = &letter.headers;
+    assert!(h["error"].starts_with("value: "), "{h:?}");
+    assert_eq!(h["value_omitted_bytes"], big.len().to_string());
+    assert_eq!(h["value_omitted_sha256"], sha256_hex(&big));
+    assert_eq!(h["source_topic"], topics.input);
+    assert_eq!(h["source_offset"], "0");
+
+    let k = Uuid::new_v4();
+    p.send_action(&topics.input, &live_action(r, k));
+    let push = Reader::on(&mock.bootstrap_servers(), &topics.output)
+        .until(1, WAIT)
+        .to_vec();
+    assert_eq!(triples(&push), vec![(r, k, client)]);
+    dlq.drain(Duration::from_secs(1));
+    assert_eq!(dlq.seen.len(), 1, "one dead letter, written once");
     assert!(service.stop().success());
 }
 
@@ -226,8 +291,6 @@ fn failing_feedback_writes_keep_postgres_unready_while_the_change_feed_reads() {
     });
     service.wait_ready();
     let mut push = Reader::new(&topics.output);
-    push.until(5, WAIT);
-    push.drain(Duration::from_secs(1));
-    assert_eq!(push.seen.len(), 5, "Kafka was asked once, after Postgres");
+    push.exactly(5, WAIT, "Kafka was asked once, after Postgres");
     assert!(service.stop().success());
 }

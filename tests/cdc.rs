@@ -42,7 +42,7 @@ fn slot_confirmed(db: &Db) -> String {
         .unwrap()
         .query_one(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE database = $1",
-            &[&db.name],
+            &[&db.name()],
         )
         .unwrap()
         .get(0)
@@ -253,13 +253,7 @@ fn a_late_subscriber_is_notified_once_and_an_unsubscribed_one_nothing_new() {
     let rows: BTreeSet<_> = db.feedback().into_iter().collect();
     assert_eq!(rows, expected);
     let mut push = Reader::new(&topics.output);
-    push.until(7, WAIT);
-    push.drain(Duration::from_secs(1));
-    assert_eq!(
-        push.seen.len(),
-        7,
-        "each notification once on the push topic"
-    );
+    push.exactly(7, WAIT, "each notification once on the push topic");
     let on_topic: BTreeSet<_> = triples(&push.seen).into_iter().collect();
     assert_eq!(on_topic, expected);
     assert!(service.stop().success());

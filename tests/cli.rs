@@ -130,7 +130,7 @@ fn the_change_feed_explains_what_the_server_lacks() {
         "--state-dir",
         state.path().to_str().unwrap(),
         "--postgres-url",
-        &db.url,
+        db.url(),
         "--mirror-mode",
         "cdc",
     ]);
@@ -179,7 +179,7 @@ fn an_unreachable_broker_stops_the_start_with_one_line() {
         "--state-dir",
         state.path().to_str().unwrap(),
         "--postgres-url",
-        &db.url,
+        db.url(),
         "--brokers",
         "127.0.0.1:1",
         "--startup-timeout",
@@ -198,11 +198,14 @@ fn an_unreachable_broker_stops_the_start_with_one_line() {
 fn a_fatal_error_says_each_cause_once() {
     let db = common::Db::new();
     let state = tempfile::tempdir().unwrap();
-    let missing = db.url.replace(&db.name, "pf_no_such_database");
+    let missing = db.url().replace(db.name(), "pf_no_such_database");
     for (url, cause) in [
-        (&missing, r#"database "pf_no_such_database" does not exist"#),
         (
-            &db.url,
+            missing.as_str(),
+            r#"database "pf_no_such_database" does not exist"#,
+        ),
+        (
+            db.url(),
             r#"relation "subscribers_restaurants" does not exist"#,
         ),
     ] {

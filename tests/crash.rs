@@ -274,12 +274,8 @@ fn crash_after_a_refused_campaign_is_dead_lettered() {
     let good_clients = db.new_subscribers(good, 5);
     db.new_subscribers(bad, 5);
     let (k_good, k_bad) = (Uuid::new_v4(), Uuid::new_v4());
-    let producer = Producer::new();
-    let mut refused = live_action(bad, k_bad);
-    refused["adv_campaign_content"] = "forbidden offer".into();
-    producer.send_action(&topics.input, &refused);
-    producer.send_action(&topics.input, &live_action(good, k_good));
-
+    // Sent once the service is ready, so that it cannot die before the test
+    // has seen it ready.
     let mut service = Service::start_with_env(
         &db,
         &topics,
@@ -287,6 +283,10 @@ fn crash_after_a_refused_campaign_is_dead_lettered() {
         &[],
         &[("PROMO_FANOUT_FAILPOINTS", "after-refusals=return")],
     );
+    let producer = Producer::new();
+    let mut refused = live_action(bad, k_bad);
+    refused["adv_campaign_content"] = "forbidden offer".into();
+    producer.send_actions(&topics.input, &[refused, live_action(good, k_good)]);
     assert!(!service.wait_exit(WAIT).success());
     let mut dlq = Reader::new(&topics.dlq);
     dlq.until(1, WAIT);

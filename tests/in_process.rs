@@ -29,7 +29,7 @@ fn no_task_outlives_a_failed_run() {
     let state = tempfile::tempdir().unwrap();
     let settings = Settings {
         brokers: brokers(),
-        postgres_url: db.url.replacen("postgres@", &format!("{role}@"), 1),
+        postgres_url: db.url().replacen("postgres@", &format!("{role}@"), 1),
         state_dir: state.path().to_owned(),
         input_topic: topics.input.clone(),
         output_topic: topics.output.clone(),
@@ -47,7 +47,7 @@ fn no_task_outlives_a_failed_run() {
         .enable_all()
         .build()
         .unwrap();
-    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let shutdown = tokio_util::sync::CancellationToken::new();
     let outcome = rt.block_on(promo_fanout::pipeline::run(settings, shutdown));
     let error = outcome.expect_err("the feedback writes are refused for good");
     assert!(

@@ -31,7 +31,7 @@ fn a_postgres_restart_mid_stream_is_ridden_out() {
     let status = Command::new("sh").args(["-c", &restart]).status().unwrap();
     assert!(status.success(), "{restart} failed");
     wait_for("Postgres to accept connections again", WAIT, || {
-        postgres::Client::connect(&db.url, postgres::NoTls).ok()
+        postgres::Client::connect(db.url(), postgres::NoTls).ok()
     });
     // Changes after the restart reach the mirror; an action reaches both sinks.
     let after = db.new_subscribers(r, 5);

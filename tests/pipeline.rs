@@ -350,13 +350,7 @@ fn a_restart_resends_nothing_and_new_actions_flow() {
     let k2 = u();
     p.send_action(&topics.input, &live_action(r, k2));
     consumed(&service, 1);
-    push.until(100, WAIT);
-    push.drain(Duration::from_secs(1));
-    assert_eq!(
-        push.seen.len(),
-        100,
-        "the first campaign was not sent again"
-    );
+    push.exactly(100, WAIT, "the first campaign was not sent again");
     let mut expected: Vec<_> = clients
         .iter()
         .flat_map(|c| [(r, k1, *c), (r, k2, *c)])

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use uuid::Uuid;
+use promo_fanout::infra::scratch_db::ScratchDb;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_promo-fanout");
 
@@ -18,51 +18,23 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// A scratch database named `PREFIX_<uuid>` with the migrations applied:
-/// (name, url). Dropped by [`drop_db`].
-pub fn scratch_db(admin_url: &str, prefix: &str) -> (String, String) {
-    let name = format!("{prefix}_{}", Uuid::new_v4().simple());
-    let mut admin = postgres::Client::connect(admin_url, postgres::NoTls).unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .unwrap();
-    let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
+/// A scratch database named `PREFIX_<uuid>` with the migrations applied.
+/// Dropped by [`drop_db`].
+pub fn scratch_db(admin_url: &str, prefix: &str) -> ScratchDb {
+    let db = ScratchDb::create_blocking(admin_url, prefix).unwrap();
     let ok = Command::new(BIN)
-        .args(["migrate", "--postgres-url", &url])
+        .args(["migrate", "--postgres-url", &db.url])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .unwrap();
     assert!(ok.success());
-    (name, url)
+    db
 }
 
-/// Drops a scratch database, and first the change feed's slots in it (a slot
-/// keeps its database), once their readers have let go.
-pub fn drop_db(admin_url: &str, name: &str) {
-    let mut admin = postgres::Client::connect(admin_url, postgres::NoTls).unwrap();
-    for _ in 0..50 {
-        let _ = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-            &[&name],
-        );
-        let _ = admin.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active",
-            &[&name],
-        );
-        let left: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
-                &[&name],
-            )
-            .unwrap()
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+/// Drops a scratch database, and first the change feed's slots in it.
+pub fn drop_db(db: &ScratchDb) {
+    db.drop_blocking().unwrap();
 }
 
 /// A loopback address with a port free now, for the service's metrics.

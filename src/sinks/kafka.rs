@@ -1,8 +1,8 @@
-//! The push topic and the dead-letter topic: an idempotent producer with
+//! The push topic and the dead-letter topic: idempotent producers with
 //! `acks=all`, and every delivery report awaited before a batch counts as
 //! sent. A record the broker acknowledged is never produced again (short of
-//! a crash); a dead letter is always written, without its bytes if they are
-//! too large.
+//! a crash); a dead letter is always written, without its bytes if the
+//! broker finds them too large.
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use promo_fanout_state::Origin;
@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::action::Action;
 use crate::config::Settings;
 use crate::fanout::{key_of, CampaignKey, Notification};
-use crate::retry::{classify, Disposition, SinkError};
+use crate::infra::retry::{classify, Disposition, Failure};
 use crate::sinks::Refusals;
 
 /// The client configuration shared by the consumer and the producer: brokers
@@ -243,13 +243,13 @@ impl Outbox {
     /// Takes in one delivery report. A dead letter refused for its size is
     /// put back without its payload; any other refusal is kept for the
     /// caller. Returns the error of a report that failed otherwise.
-    fn settle(&mut self, i: usize, report: Result<(), KafkaError>) -> Option<SinkError> {
+    fn settle(&mut self, i: usize, report: Result<(), KafkaError>) -> Option<Failure> {
         let error = match report {
             Ok(()) => {
                 self.records[i].1 = Fate::Acknowledged;
                 return None;
             }
-            Err(e) => SinkError::Kafka(e),
+            Err(e) => Failure::Kafka(e),
         };
         if classify(&error) != Disposition::Refuse {
             return Some(error);
@@ -261,7 +261,7 @@ impl Outbox {
         }
         let too_large = matches!(
             &error,
-            SinkError::Kafka(e) if matches!(
+            Failure::Kafka(e) if matches!(
                 e.rdkafka_error_code(),
                 Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
             )
@@ -270,7 +270,7 @@ impl Outbox {
             // The DLQ refuses what the data cannot change (a compacted DLQ
             // refusing a record without a key, say): a setup for a person
             // to fix, waited out like an outage, never skipped.
-            return Some(SinkError::DlqRefused(format!(
+            return Some(Failure::DlqRefused(format!(
                 "{error}; check the DLQ topic's configuration"
             )));
         }
@@ -281,15 +281,24 @@ impl Outbox {
                 None
             }
             // Headers alone refused: nothing the data can change.
-            None => Some(SinkError::DlqRefused(format!(
+            None => Some(Failure::DlqRefused(format!(
                 "{error}, even without key and value"
             ))),
         }
     }
 }
 
+/// librdkafka's largest `message.max.bytes`: the DLQ producer's, so that the
+/// broker, not the client, judges whether a dead letter fits.
+const DLQ_MESSAGE_MAX_BYTES: &str = "1000000000";
+
 pub struct KafkaSink {
+    /// Push messages, within the `message.max.bytes` the decoder holds
+    /// actions to.
     producer: FutureProducer,
+    /// Dead letters: an input message too large for the pipeline is sent
+    /// whole whenever the broker takes it.
+    dlq_producer: FutureProducer,
     output_topic: String,
     dlq_topic: String,
 }
@@ -304,8 +313,11 @@ impl KafkaSink {
                 config.set(k, v);
             }
         }
+        let producer = config.create()?;
+        config.set("message.max.bytes", DLQ_MESSAGE_MAX_BYTES);
         Ok(KafkaSink {
-            producer: config.create()?,
+            producer,
+            dlq_producer: config.create()?,
             output_topic: settings.output_topic.clone(),
             dlq_topic: settings.dlq_topic.clone(),
         })
@@ -316,15 +328,20 @@ impl KafkaSink {
     /// acknowledged, or refused for its content: see [`Outbox::refused`]).
     /// Otherwise the first error; the records acknowledged meanwhile stay
     /// acknowledged, so calling again re-sends only the rest.
-    pub async fn send(&self, outbox: &mut Outbox) -> Result<(), SinkError> {
+    pub async fn send(&self, outbox: &mut Outbox) -> Result<(), Failure> {
         let mut reports = FuturesUnordered::new();
         let mut failure = None;
         for i in 0..outbox.records.len() {
             if outbox.records[i].1 != Fate::Pending {
                 continue;
             }
+            let producer = if outbox.records[i].0.topic_is_dlq {
+                &self.dlq_producer
+            } else {
+                &self.producer
+            };
             loop {
-                match self.producer.send_result(self.record(&outbox.records[i].0)) {
+                match producer.send_result(self.record(&outbox.records[i].0)) {
                     Ok(delivery) => {
                         reports.push(report(i, delivery));
                         break;
@@ -488,7 +505,7 @@ mod tests {
             .is_none());
         assert_eq!(outbox.records[0].0.key, None);
         let stuck = outbox.settle(0, failed(RDKafkaErrorCode::MessageSizeTooLarge));
-        assert!(matches!(stuck, Some(SinkError::DlqRefused(_))));
+        assert!(matches!(stuck, Some(Failure::DlqRefused(_))));
         assert_eq!(outbox.records[0].1, Fate::Pending, "never skipped");
     }
 
@@ -506,8 +523,8 @@ mod tests {
             .settle(0, failed(RDKafkaErrorCode::InvalidRecord))
             .expect("reported");
         assert_eq!(
-            crate::retry::classify(&error),
-            crate::retry::Disposition::Retry
+            crate::infra::retry::classify(&error),
+            crate::infra::retry::Disposition::Retry
         );
         assert!(error
             .to_string()

@@ -6,4 +6,7 @@ mod postgres;
 pub use kafka::{
     kafka_config, producer_max_bytes, push_message_len, DeadLetter, KafkaSink, Outbox, PushMessage,
 };
-pub use postgres::{connect as postgres_connect, unix, FeedbackSink, Refusals};
+pub use postgres::{
+    action_of, connect as postgres_connect, unix, FeedbackSink, Refusals, ACTION_COLUMNS,
+    ACTION_COLUMN_COUNT,
+};

@@ -5,12 +5,13 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use promo_fanout_state::Action;
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, GenericClient, NoTls};
 use uuid::Uuid;
 
 use crate::fanout::{key_of, CampaignKey, Notification};
-use crate::retry::{classify, postgres_text, Disposition, SinkError};
+use crate::infra::retry::{classify, postgres_text, Disposition, Failure};
 
 /// Campaigns a sink refused for what is in them, with the sink's reason.
 pub type Refusals = BTreeMap<CampaignKey, String>;
@@ -24,6 +25,32 @@ SELECT * FROM UNNEST(
     $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::uuid[], $10::timestamptz[])
 ON CONFLICT (restaurant_id, adv_campaign_id, client_id) DO NOTHING";
+
+/// The action columns of `subscribers_feedback`, times as Unix seconds: a
+/// SELECT list that [`action_of`] reads back, from column 0.
+pub const ACTION_COLUMNS: &str = "\
+    restaurant_id, adv_campaign_id, adv_campaign_content, adv_campaign_owner, \
+    adv_campaign_owner_contact, extract(epoch FROM adv_campaign_datetime_start)::int8, \
+    extract(epoch FROM adv_campaign_datetime_end)::int8, \
+    extract(epoch FROM datetime_created)::int8";
+
+/// How many columns [`ACTION_COLUMNS`] lists.
+pub const ACTION_COLUMN_COUNT: usize = 8;
+
+/// The action a feedback row was written for, selected with
+/// [`ACTION_COLUMNS`].
+pub fn action_of(row: &tokio_postgres::Row) -> Action {
+    Action {
+        restaurant_id: row.get(0),
+        adv_campaign_id: row.get(1),
+        adv_campaign_content: row.get(2),
+        adv_campaign_owner: row.get(3),
+        adv_campaign_owner_contact: row.get(4),
+        adv_campaign_datetime_start: row.get(5),
+        adv_campaign_datetime_end: row.get(6),
+        datetime_created: row.get(7),
+    }
+}
 
 /// Writes feedback rows over a few connections, one per batch in flight;
 /// each reconnects by itself after an error.
@@ -50,8 +77,8 @@ pub fn unix(secs: i64) -> DateTime<Utc> {
 impl FeedbackSink {
     /// Connects the first of `connections` (at least one) now, to check the
     /// database is there; the others connect on first use.
-    pub async fn connect(url: &str, connections: usize) -> Result<FeedbackSink, SinkError> {
-        let first = connect(url).await.map_err(SinkError::Postgres)?;
+    pub async fn connect(url: &str, connections: usize) -> Result<FeedbackSink, Failure> {
+        let first = connect(url).await.map_err(Failure::Postgres)?;
         let clients = std::iter::once(Mutex::new(Some(first)))
             .chain((1..connections.max(1)).map(|_| Mutex::new(None)))
             .collect();
@@ -64,7 +91,7 @@ impl FeedbackSink {
     /// Inserts one row per notification in one transaction; rows already
     /// there are left alone. The rows of a campaign Postgres refuses for
     /// their content are left out, and the campaign returned with the reason.
-    pub async fn write(&self, batch: &[&Notification]) -> Result<Refusals, SinkError> {
+    pub async fn write(&self, batch: &[&Notification]) -> Result<Refusals, Failure> {
         if batch.is_empty() {
             return Ok(Refusals::new());
         }
@@ -75,7 +102,7 @@ impl FeedbackSink {
             None => self.clients[0].lock().await,
         };
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(connect(&self.url).await.map_err(SinkError::Postgres)?);
+            *guard = Some(connect(&self.url).await.map_err(Failure::Postgres)?);
         }
         let client = guard.as_mut().expect("connected above");
         let result = write_isolating(client, batch).await;
@@ -93,15 +120,15 @@ impl FeedbackSink {
 async fn write_isolating(
     client: &mut Client,
     batch: &[&Notification],
-) -> Result<Refusals, SinkError> {
-    let pg = SinkError::Postgres;
+) -> Result<Refusals, Failure> {
+    let pg = Failure::Postgres;
     let tx = client.transaction().await.map_err(pg)?;
     let error = match insert(&tx, &Rows::new(batch.iter().copied())).await {
         Ok(_) => {
             tx.commit().await.map_err(pg)?;
             return Ok(Refusals::new());
         }
-        Err(e) => SinkError::Postgres(e),
+        Err(e) => Failure::Postgres(e),
     };
     if classify(&error) != Disposition::Refuse {
         return Err(error);
@@ -135,7 +162,7 @@ async fn write_isolating(
             .await
             .map_err(pg)?;
         let reason = format!("postgres refused it: {}", postgres_text(&error));
-        let error = SinkError::Postgres(error);
+        let error = Failure::Postgres(error);
         if classify(&error) != Disposition::Refuse {
             return Err(error);
         }

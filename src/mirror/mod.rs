@@ -9,15 +9,191 @@
 //! finishes the mirror position says `snapshot_complete: false` and nothing
 //! fans out from it.
 
+pub mod cdc;
+pub mod pgoutput;
+pub mod refresh;
+
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use futures::{pin_mut, TryStreamExt};
-use promo_fanout_state::{Commit, MirrorMode, MirrorPosition, Store, Subscription};
+use promo_fanout_state::{Commit, MirrorMode, MirrorPosition, Store, StoreError, Subscription};
 use tokio::sync::mpsc;
+use tokio_postgres::types::PgLsn;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 
-use crate::retry::SinkError;
+use crate::config::{self, Settings};
+use crate::infra::clock;
+use crate::infra::health::Health;
+use crate::infra::retry::{until_done, Failure, Stopped};
+
+/// Why the mirror could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "mirror-mode = cdc: the server cannot feed changes: {0}; fix that, or run with \
+         --mirror-mode refresh (or auto, which falls back to it)"
+    )]
+    CdcUnavailable(String),
+    #[error("change feed check: {0}")]
+    Check(Failure),
+    #[error("mirror snapshot: {0}")]
+    Snapshot(Failure),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The mirror, loaded and kept current in the background until shutdown.
+pub struct Follower {
+    task: AbortOnDropHandle<Result<(), Failure>>,
+}
+
+impl Follower {
+    /// Resolves if the follower stops: with the error that stopped it, or
+    /// with `None` if it ended on shutdown. Not to be awaited again after.
+    pub async fn stopped(&mut self) -> Option<Failure> {
+        let outcome = (&mut self.task)
+            .await
+            .expect("the mirror task does not panic");
+        outcome.err()
+    }
+
+    /// Stops the follower, if it runs, and waits until it has.
+    pub async fn stop(mut self) {
+        if !self.task.is_finished() {
+            self.task.abort();
+            let _ = (&mut self.task).await;
+        }
+    }
+}
+
+/// Chooses the mode (`auto` is `cdc` when the server allows it), loads the
+/// mirror (slot and snapshot in `cdc` mode; the first snapshot in `refresh`
+/// mode if the store has none) and starts following the table.
+pub async fn start(
+    settings: &Settings,
+    store: &Arc<Store>,
+    health: &Arc<Health>,
+    shutdown: &CancellationToken,
+) -> Result<Follower, Stopped<StartError>> {
+    let feed = cdc::FeedConfig::new(settings);
+    let mode = choose_mode(settings, &feed, shutdown).await?;
+    let started = Instant::now();
+    if mode == config::MirrorMode::Cdc {
+        let prepare = || cdc::prepare(store.clone(), &feed, clock::now());
+        until_done("change feed start", prepare, shutdown, |_| {})
+            .await
+            .map_err(|s| s.map(StartError::Snapshot))?;
+    } else {
+        snapshot_if_missing(settings, store, shutdown).await?;
+    }
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "mirror ready");
+    health
+        .mirror_loaded
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let task = if mode == config::MirrorMode::Cdc {
+        tokio::spawn(cdc::follow(
+            store.clone(),
+            feed,
+            health.clone(),
+            shutdown.clone(),
+        ))
+    } else {
+        let refresh = refresh::refresh_loop(
+            store.clone(),
+            settings.postgres_url.clone(),
+            settings.refresh_interval,
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            refresh.await;
+            Ok(())
+        })
+    };
+    Ok(Follower {
+        task: AbortOnDropHandle::new(task),
+    })
+}
+
+/// Resolves `mirror-mode`: `auto` is `cdc` when the server allows it, else
+/// `refresh` with a line saying what is missing. In `refresh` mode a slot of
+/// this pipeline's is dropped: it would only keep WAL.
+async fn choose_mode(
+    settings: &Settings,
+    feed: &cdc::FeedConfig,
+    shutdown: &CancellationToken,
+) -> Result<config::MirrorMode, Stopped<StartError>> {
+    use config::MirrorMode::{Auto, Cdc, Refresh};
+    let wanted = settings.mirror_mode;
+    let check = || async {
+        let client = crate::sinks::postgres_connect(&settings.postgres_url)
+            .await
+            .map_err(Failure::Postgres)?;
+        let missing = cdc::missing(&client, feed).await?;
+        if wanted == Refresh || (wanted == Auto && !missing.is_empty()) {
+            match cdc::drop_slot(&client, &feed.slot).await {
+                Ok(true) => {
+                    tracing::warn!(slot = %feed.slot, "dropped this pipeline's replication slot: refresh mode does not read it")
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, slot = %feed.slot, "could not drop this pipeline's replication slot")
+                }
+            }
+        }
+        Ok(missing)
+    };
+    let missing = until_done("change feed check", check, shutdown, |_| {})
+        .await
+        .map_err(|s| s.map(StartError::Check))?;
+    let mode = match (wanted, missing.is_empty()) {
+        (Refresh, _) => Refresh,
+        (_, true) => Cdc,
+        (Cdc, false) => {
+            return Err(Stopped::Fatal(StartError::CdcUnavailable(
+                missing.join("; "),
+            )))
+        }
+        (Auto, false) => {
+            tracing::warn!(
+                missing = %missing.join("; "),
+                "mirror-mode auto: the server cannot feed changes; re-reading the table every refresh-interval instead"
+            );
+            Refresh
+        }
+    };
+    tracing::info!(mode = ?mode, slot = %feed.slot, publication = %feed.publication, "mirror mode");
+    Ok(mode)
+}
+
+/// `refresh` mode: the first snapshot, unless the store holds a complete one.
+async fn snapshot_if_missing(
+    settings: &Settings,
+    store: &Arc<Store>,
+    shutdown: &CancellationToken,
+) -> Result<(), Stopped<StartError>> {
+    let complete = store
+        .mirror_position()
+        .map_err(|e| Stopped::Fatal(e.into()))?
+        .is_some_and(|p| p.snapshot_complete);
+    if complete {
+        tracing::info!("mirror present; resuming without a snapshot");
+        return Ok(());
+    }
+    tracing::info!("mirror empty or incomplete; taking a snapshot of subscribers_restaurants");
+    // `sync` succeeds only once the whole table has been merged.
+    let snapshot = || async {
+        let plan = SyncPlan::refresh(clock::now(), false);
+        let stats = sync(store.clone(), &settings.postgres_url, plan).await?;
+        tracing::info!(rows = stats.rows, "mirror snapshot loaded");
+        Ok(())
+    };
+    until_done("mirror snapshot", snapshot, shutdown, |_| {})
+        .await
+        .map_err(|s| s.map(StartError::Snapshot))
+}
 
 /// Rows per write batch while merging.
 const MERGE_BATCH: usize = 20_000;
@@ -69,10 +245,10 @@ pub async fn sync(
     store: Arc<Store>,
     postgres_url: &str,
     plan: SyncPlan,
-) -> Result<SyncStats, SinkError> {
+) -> Result<SyncStats, Failure> {
     let mut client = crate::sinks::postgres_connect(postgres_url)
         .await
-        .map_err(SinkError::Postgres)?;
+        .map_err(Failure::Postgres)?;
     let (tx, rx) = mpsc::channel::<Feed>(MERGE_BATCH);
     let merge = tokio::task::spawn_blocking(move || merge(&store, rx, plan));
 
@@ -85,15 +261,15 @@ pub async fn sync(
             .await?;
         // The first statement takes the snapshot; the WAL position read in
         // it is at or after every commit the snapshot sees.
-        let lsn: Option<String> = txn
+        let lsn: Option<PgLsn> = txn
             .query_one(
                 "SELECT CASE WHEN pg_is_in_recovery() THEN NULL \
-                 ELSE pg_current_wal_lsn()::text END",
+                 ELSE pg_current_wal_lsn() END",
                 &[],
             )
             .await?
             .get(0);
-        let snapshot_lsn = lsn.as_deref().and_then(crate::pgoutput::parse_lsn);
+        let snapshot_lsn = lsn.map(u64::from);
         let rows = txn
             .query_raw(
                 "SELECT id::int8, restaurant_id, client_id FROM subscribers_restaurants ORDER BY id",
@@ -119,7 +295,7 @@ pub async fn sync(
     let read_result = read.await;
     drop(tx);
     let merged = merge.await.expect("the merge thread does not panic");
-    read_result.map_err(SinkError::Postgres)?;
+    read_result.map_err(Failure::Postgres)?;
     merged
 }
 
@@ -130,13 +306,13 @@ fn merge(
     store: &Store,
     mut rx: mpsc::Receiver<Feed>,
     plan: SyncPlan,
-) -> Result<SyncStats, SinkError> {
+) -> Result<SyncStats, Failure> {
     let late = plan.late_seq;
     let mut stats = SyncStats::default();
     let mut commit = Commit::new();
     let mut ours = store.subscription_rows();
     let mut mine = ours.next().transpose()?;
-    let flush = |commit: &mut Commit| -> Result<(), SinkError> {
+    let flush = |commit: &mut Commit| -> Result<(), Failure> {
         if commit.len() >= MERGE_BATCH {
             store.commit(std::mem::take(commit))?;
             crate::failpoint!("mirror-snapshot-batch");
@@ -193,42 +369,6 @@ fn merge(
                 // the snapshot; keep it, and leave the position as it was.
                 store.commit(commit)?;
                 return Ok(stats);
-            }
-        }
-    }
-}
-
-/// Re-reads the table every `interval` until `shutdown` fires; failures are
-/// logged and retried at the next tick.
-pub async fn refresh_loop(
-    store: Arc<Store>,
-    postgres_url: String,
-    interval: Duration,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        let started = std::time::Instant::now();
-        let plan = SyncPlan::refresh(crate::clock::now(), true);
-        match sync(store.clone(), &postgres_url, plan).await {
-            Ok(stats) => {
-                metrics::histogram!("promo_fanout_mirror_sync_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                tracing::debug!(
-                    rows = stats.rows,
-                    inserted = stats.inserted,
-                    deleted = stats.deleted,
-                    "mirror re-read applied"
-                );
-            }
-            Err(error) => {
-                metrics::counter!("promo_fanout_retries_total", "cause" => "mirror").increment(1);
-                tracing::warn!(%error, "mirror re-read failed; retrying at the next interval");
             }
         }
     }

@@ -162,6 +162,51 @@ impl<'a> Reader<'a> {
     }
 }
 
+impl Reader<'_> {
+    /// A Relation message, after its tag.
+    fn relation(&mut self) -> Result<Message, ParseError> {
+        let oid = self.u32()?;
+        let namespace = self.string()?;
+        let name = self.string()?;
+        let _replica_identity = self.u8()?;
+        let n = self.i16()?;
+        let mut columns = Vec::with_capacity(n.max(0) as usize);
+        for _ in 0..n {
+            let _flags = self.u8()?;
+            let name = self.string()?;
+            let type_oid = self.u32()?;
+            let _typmod = self.i32()?;
+            columns.push(Column { name, type_oid });
+        }
+        Ok(Message::Relation {
+            oid,
+            namespace,
+            name,
+            columns,
+        })
+    }
+
+    /// An Update message, after its tag: the old key or row if sent, then
+    /// the new row.
+    fn update(&mut self) -> Result<Message, ParseError> {
+        let relation = self.u32()?;
+        let mut old = None;
+        let mut kind = self.u8()?;
+        if kind == b'K' || kind == b'O' {
+            old = Some(self.tuple()?);
+            kind = self.u8()?;
+        }
+        if kind != b'N' {
+            return Err(ParseError(format!("update tuple kind {kind:#x}")));
+        }
+        Ok(Message::Update {
+            relation,
+            old,
+            new: self.tuple()?,
+        })
+    }
+}
+
 /// Parses one message.
 pub fn parse(bytes: &[u8]) -> Result<Message, ParseError> {
     let mut r = Reader { buf: bytes };
@@ -180,27 +225,7 @@ pub fn parse(bytes: &[u8]) -> Result<Message, ParseError> {
                 commit_time: r.i64()?,
             }
         }
-        b'R' => {
-            let oid = r.u32()?;
-            let namespace = r.string()?;
-            let name = r.string()?;
-            let _replica_identity = r.u8()?;
-            let n = r.i16()?;
-            let mut columns = Vec::with_capacity(n.max(0) as usize);
-            for _ in 0..n {
-                let _flags = r.u8()?;
-                let name = r.string()?;
-                let type_oid = r.u32()?;
-                let _typmod = r.i32()?;
-                columns.push(Column { name, type_oid });
-            }
-            Message::Relation {
-                oid,
-                namespace,
-                name,
-                columns,
-            }
-        }
+        b'R' => r.relation()?,
         b'I' => {
             let relation = r.u32()?;
             match r.u8()? {
@@ -211,23 +236,7 @@ pub fn parse(bytes: &[u8]) -> Result<Message, ParseError> {
                 other => return Err(ParseError(format!("insert tuple kind {other:#x}"))),
             }
         }
-        b'U' => {
-            let relation = r.u32()?;
-            let mut old = None;
-            let mut kind = r.u8()?;
-            if kind == b'K' || kind == b'O' {
-                old = Some(r.tuple()?);
-                kind = r.u8()?;
-            }
-            if kind != b'N' {
-                return Err(ParseError(format!("update tuple kind {kind:#x}")));
-            }
-            Message::Update {
-                relation,
-                old,
-                new: r.tuple()?,
-            }
-        }
+        b'U' => r.update()?,
         b'D' => {
             let relation = r.u32()?;
             match r.u8()? {
@@ -255,17 +264,6 @@ pub fn parse(bytes: &[u8]) -> Result<Message, ParseError> {
 pub fn unix_seconds(pg_micros: i64) -> f64 {
     const PG_EPOCH: i64 = 946_684_800;
     PG_EPOCH as f64 + pg_micros as f64 / 1e6
-}
-
-/// `16/B374D848` → its 64-bit value.
-pub fn parse_lsn(text: &str) -> Option<u64> {
-    let (hi, lo) = text.split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
-}
-
-/// A 64-bit LSN in Postgres's notation.
-pub fn lsn_text(lsn: u64) -> String {
-    promo_fanout_state::lsn_text(lsn)
 }
 
 #[cfg(test)]
@@ -390,13 +388,5 @@ mod tests {
             assert!(parse(bytes).is_err(), "{bytes:?}");
         }
         assert_eq!(parse(b"Yxyz").unwrap(), Message::Other(b'Y'));
-    }
-
-    #[test]
-    fn lsns_read_and_print_as_postgres_does() {
-        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
-        assert_eq!(lsn_text(0x16_B374_D848), "16/B374D848");
-        assert_eq!(parse_lsn("0/0"), Some(0));
-        assert_eq!(parse_lsn("zz"), None);
     }
 }

@@ -14,13 +14,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{pin_mut, TryStreamExt};
-use promo_fanout_state::{Action, Campaign, Commit, Progress, Store};
+use promo_fanout_state::{Campaign, Commit, Progress, Store};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use uuid::Uuid;
 
 use crate::config::Settings;
-use crate::sinks::{kafka_config, postgres_connect};
-use crate::{clock, mirror, pipeline};
+use crate::infra::clock;
+use crate::sinks::{
+    action_of, kafka_config, postgres_connect, ACTION_COLUMNS, ACTION_COLUMN_COUNT,
+};
+use crate::{mirror, pipeline};
 
 /// What a rebuild restored.
 #[derive(Debug, Default)]
@@ -61,41 +64,43 @@ pub async fn rebuild(settings: &Settings) -> anyhow::Result<Report> {
     )
     .await?;
     report.subscriptions = stats.rows;
+    let mut commit = restore_sent(settings, &store, now, &mut report).await?;
+    report.partitions = input_starts(settings).await?;
+    for (p, low) in &report.partitions {
+        commit.set_input_position(*p, *low);
+    }
+    store.commit(commit)?;
+    Ok(report)
+}
 
+/// The sent set and the campaigns that can still fire, from
+/// `subscribers_feedback`; returns the last part, not yet committed.
+async fn restore_sent(
+    settings: &Settings,
+    store: &Store,
+    now: i64,
+    report: &mut Report,
+) -> anyhow::Result<Commit> {
     let retention = settings.sent_retention.as_secs() as i64;
     let client = postgres_connect(&settings.postgres_url).await?;
-    let rows = client
-        .query_raw(
-            "SELECT restaurant_id, adv_campaign_id, client_id, adv_campaign_content, \
-                    adv_campaign_owner, adv_campaign_owner_contact, \
-                    extract(epoch FROM adv_campaign_datetime_start)::int8, \
-                    extract(epoch FROM adv_campaign_datetime_end)::int8, \
-                    extract(epoch FROM datetime_created)::int8 \
-             FROM subscribers_feedback \
-             WHERE adv_campaign_datetime_end > to_timestamp($1) \
-             ORDER BY restaurant_id, adv_campaign_id",
-            [(now - retention) as f64],
-        )
-        .await?;
+    let query = format!(
+        "SELECT {ACTION_COLUMNS}, client_id FROM subscribers_feedback \
+         WHERE adv_campaign_datetime_end > to_timestamp($1) \
+         ORDER BY restaurant_id, adv_campaign_id"
+    );
+    let rows = client.query_raw(&query, [(now - retention) as f64]).await?;
     pin_mut!(rows);
     let mut commit = Commit::new();
     let mut last: Option<(Uuid, Uuid)> = None;
     while let Some(row) = rows.try_next().await? {
-        let (r, k, c): (Uuid, Uuid, Uuid) = (row.get(0), row.get(1), row.get(2));
-        let end: i64 = row.get(7);
+        let action = action_of(&row);
+        let c: Uuid = row.get(ACTION_COLUMN_COUNT);
+        let (r, k) = (action.restaurant_id, action.adv_campaign_id);
+        let end = action.adv_campaign_datetime_end;
         if last != Some((r, k)) {
             last = Some((r, k));
             commit.put_campaign(&Campaign {
-                action: Action {
-                    restaurant_id: r,
-                    adv_campaign_id: k,
-                    adv_campaign_content: row.get(3),
-                    adv_campaign_owner: row.get(4),
-                    adv_campaign_owner_contact: row.get(5),
-                    adv_campaign_datetime_start: row.get(6),
-                    adv_campaign_datetime_end: end,
-                    datetime_created: row.get(8),
-                },
+                action,
                 progress: Progress::NotStarted,
                 origin: None,
             });
@@ -107,7 +112,11 @@ pub async fn rebuild(settings: &Settings) -> anyhow::Result<Report> {
             store.commit(std::mem::take(&mut commit))?;
         }
     }
+    Ok(commit)
+}
 
+/// Where each input partition's retained log starts.
+async fn input_starts(settings: &Settings) -> anyhow::Result<Vec<(i32, i64)>> {
     let consumer: BaseConsumer = kafka_config(settings)
         .set("group.id", &settings.group_id)
         .create()?;
@@ -129,10 +138,5 @@ pub async fn rebuild(settings: &Settings) -> anyhow::Result<Report> {
             .collect()
     })
     .await??;
-    for (p, low) in &partitions {
-        commit.set_input_position(*p, *low);
-    }
-    report.partitions = partitions;
-    store.commit(commit)?;
-    Ok(report)
+    Ok(partitions)
 }

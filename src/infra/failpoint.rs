@@ -8,7 +8,7 @@
 macro_rules! failpoint {
     ($name:literal) => {
         #[cfg(feature = "failpoints")]
-        $crate::failpoint::hit($name);
+        $crate::infra::failpoint::hit($name);
     };
 }
 

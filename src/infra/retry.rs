@@ -7,17 +7,19 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio_util::sync::CancellationToken;
 
-/// A sink or source operation that failed. Each variant's text includes its
-/// cause's, so a log line or the one line `main` prints says everything once.
+/// An operation on Postgres, Kafka or the store that failed: what
+/// [`classify`] judges. Each variant's text includes its cause's, so a log
+/// line or the one line `main` prints says everything once.
 #[derive(Debug, thiserror::Error)]
-pub enum SinkError {
+pub enum Failure {
     #[error("postgres: {}", postgres_text(.0))]
     Postgres(tokio_postgres::Error),
     #[error("kafka: {0}")]
     Kafka(KafkaError),
     #[error("state store: {0}")]
-    Store(promo_fanout_state::StoreError),
+    Store(Box<promo_fanout_state::StoreError>),
     /// The change feed said something this build cannot apply.
     #[error("change feed: {0}")]
     Feed(String),
@@ -31,20 +33,20 @@ pub enum SinkError {
     DlqRefused(String),
 }
 
-impl From<promo_fanout_state::StoreError> for SinkError {
+impl From<promo_fanout_state::StoreError> for Failure {
     fn from(error: promo_fanout_state::StoreError) -> Self {
-        SinkError::Store(error)
+        Failure::Store(Box::new(error))
     }
 }
 
-impl SinkError {
+impl Failure {
     /// A short label for logs and the retries metric.
     pub fn cause(&self) -> &'static str {
         match self {
-            SinkError::Postgres(_) => "postgres",
-            SinkError::Kafka(_) | SinkError::DlqRefused(_) => "kafka",
-            SinkError::Store(_) => "state",
-            SinkError::Feed(_) | SinkError::Config(_) => "mirror",
+            Failure::Postgres(_) => "postgres",
+            Failure::Kafka(_) | Failure::DlqRefused(_) => "kafka",
+            Failure::Store(_) => "state",
+            Failure::Feed(_) | Failure::Config(_) => "mirror",
         }
     }
 }
@@ -88,14 +90,14 @@ pub enum Disposition {
 }
 
 /// The one place that decides whether a failure is retried.
-pub fn classify(error: &SinkError) -> Disposition {
+pub fn classify(error: &Failure) -> Disposition {
     match error {
-        SinkError::Postgres(e) => match e.code() {
+        Failure::Postgres(e) => match e.code() {
             Some(code) => classify_sqlstate(code.code()),
             // No SQLSTATE: the client's own error (connection, encoding).
             None => classify_postgres_client(e),
         },
-        SinkError::Kafka(e) => match e.rdkafka_error_code() {
+        Failure::Kafka(e) => match e.rdkafka_error_code() {
             Some(code) => classify_kafka(code),
             // The client was dropped, or a local I/O error: an outage.
             None => match e {
@@ -103,10 +105,10 @@ pub fn classify(error: &SinkError) -> Disposition {
                 _ => Disposition::Retry,
             },
         },
-        SinkError::DlqRefused(_) => Disposition::Retry,
+        Failure::DlqRefused(_) => Disposition::Retry,
         // The local disk failing is not an outage that passes; nor is a feed
         // this build cannot read, or a setup mistake.
-        SinkError::Store(_) | SinkError::Feed(_) | SinkError::Config(_) => Disposition::Fatal,
+        Failure::Store(_) | Failure::Feed(_) | Failure::Config(_) => Disposition::Fatal,
     }
 }
 
@@ -217,13 +219,29 @@ pub fn backoff() -> impl Iterator<Item = Duration> {
 /// How long an attempt under way may go on after a shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Why a retried operation stopped without succeeding.
-#[derive(Debug, thiserror::Error)]
-pub enum Stopped {
-    #[error("shutting down")]
+/// Why something stopped without succeeding: a shutdown, or an error
+/// (by default a [`Failure`] that retrying cannot fix). The one way the
+/// service says "stopped by shutdown" between its parts.
+#[derive(Debug)]
+pub enum Stopped<E = Failure> {
     Shutdown,
-    #[error(transparent)]
-    Fatal(#[from] SinkError),
+    Fatal(E),
+}
+
+impl<E> Stopped<E> {
+    /// The same stop with its error turned into another.
+    pub fn map<F>(self, f: impl FnOnce(E) -> F) -> Stopped<F> {
+        match self {
+            Stopped::Shutdown => Stopped::Shutdown,
+            Stopped::Fatal(e) => Stopped::Fatal(f(e)),
+        }
+    }
+}
+
+impl From<Failure> for Stopped {
+    fn from(error: Failure) -> Self {
+        Stopped::Fatal(error)
+    }
 }
 
 /// Runs `op` until it succeeds, waiting out outages with [`backoff`];
@@ -233,12 +251,12 @@ pub enum Stopped {
 pub async fn until_done<T, F, Fut>(
     what: &'static str,
     mut op: F,
-    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    shutdown: &CancellationToken,
     mut on_change: impl FnMut(bool),
 ) -> Result<T, Stopped>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, SinkError>>,
+    Fut: std::future::Future<Output = Result<T, Failure>>,
 {
     let mut delays = backoff();
     loop {
@@ -247,7 +265,7 @@ where
         // or a silent database would hold the exit. Every operation retried
         // here can be abandoned and done again after the restart.
         let grace = async {
-            let _ = shutdown.wait_for(|stop| *stop).await;
+            shutdown.cancelled().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
         let attempt = tokio::select! {
@@ -267,7 +285,7 @@ where
                 tracing::warn!(%error, step = what, retry_in_ms = delay.as_millis() as u64, "step failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.wait_for(|stop| *stop) => return Err(Stopped::Shutdown),
+                    _ = shutdown.cancelled() => return Err(Stopped::Shutdown),
                 }
             }
             Err(error) => {
@@ -401,15 +419,15 @@ mod tests {
         ];
         for (code, expected) in cases {
             assert_eq!(classify_kafka(code), expected, "{code:?}");
-            let error = SinkError::Kafka(KafkaError::MessageProduction(code));
+            let error = Failure::Kafka(KafkaError::MessageProduction(code));
             assert_eq!(classify(&error), expected, "{code:?} in an error");
         }
-        assert_eq!(classify(&SinkError::Kafka(KafkaError::Canceled)), Retry);
+        assert_eq!(classify(&Failure::Kafka(KafkaError::Canceled)), Retry);
     }
 
     #[test]
     fn errors_say_each_cause_once() {
-        let e = SinkError::Kafka(KafkaError::MessageProduction(
+        let e = Failure::Kafka(KafkaError::MessageProduction(
             RDKafkaErrorCode::MessageSizeTooLarge,
         ));
         let line = format!("{:#}", anyhow::Error::new(e));

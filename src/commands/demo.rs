@@ -16,17 +16,15 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::commands::migrate;
 use crate::config::Settings;
+use crate::infra::clock;
+use crate::infra::scratch_db::ScratchDb;
+use crate::pipeline;
 use crate::sinks::postgres_connect;
-use crate::{clock, migrate, pipeline};
-
-struct Restaurant {
-    name: &'static str,
-    id: Uuid,
-}
 
 pub async fn demo(mut settings: Settings) -> anyhow::Result<()> {
     println!("promo-fanout demo\n=================\n");
@@ -55,157 +53,172 @@ pub async fn demo(mut settings: Settings) -> anyhow::Result<()> {
     result
 }
 
+struct Restaurant {
+    name: &'static str,
+    id: Uuid,
+}
+
+/// The demo's restaurants, clients and campaigns, with the names it prints.
+struct Cast {
+    pizza: Restaurant,
+    sushi: Restaurant,
+    empty: Restaurant,
+    clients: [(&'static str, Uuid); 3],
+    /// Campaign ids and how they are shown: the live ones, then the others.
+    pizza_deal: Uuid,
+    sushi_deal: Uuid,
+    happy_hour: Uuid,
+}
+
+impl Cast {
+    fn new() -> Cast {
+        let restaurant = |name| Restaurant {
+            name,
+            id: Uuid::new_v4(),
+        };
+        Cast {
+            pizza: restaurant("Pizza Place"),
+            sushi: restaurant("Sushi Bar"),
+            empty: restaurant("Empty Cafe"),
+            clients: [
+                ("Anna", Uuid::new_v4()),
+                ("Boris", Uuid::new_v4()),
+                ("Chen", Uuid::new_v4()),
+            ],
+            pizza_deal: Uuid::new_v4(),
+            sushi_deal: Uuid::new_v4(),
+            happy_hour: Uuid::new_v4(),
+        }
+    }
+
+    fn client_name(&self, id: &str) -> &'static str {
+        self.clients
+            .iter()
+            .find(|(_, c)| c.to_string() == id)
+            .map_or("?", |(name, _)| name)
+    }
+
+    fn campaign_label(&self, id: &str) -> &'static str {
+        [
+            (self.pizza_deal, "Pizza Place: Two pizzas for one"),
+            (self.sushi_deal, "Sushi Bar: Free miso soup"),
+            (self.happy_hour, "Pizza Place: Happy hour (scheduled)"),
+        ]
+        .into_iter()
+        .find(|(k, _)| k.to_string() == id)
+        .map_or("?", |(_, label)| label)
+    }
+
+    /// Anna, Boris (in two rows) and Chen follow Pizza Place; Anna follows
+    /// Sushi Bar; nobody follows Empty Cafe.
+    async fn subscribe(&self, db: &tokio_postgres::Client) -> anyhow::Result<()> {
+        let [(_, anna), (_, boris), (_, chen)] = self.clients;
+        let rows = [
+            (&self.pizza, anna),
+            (&self.pizza, boris),
+            (&self.pizza, boris),
+            (&self.pizza, chen),
+            (&self.sushi, anna),
+        ];
+        for (r, c) in rows {
+            db.execute(
+                "INSERT INTO subscribers_restaurants (client_id, restaurant_id) VALUES ($1, $2)",
+                &[&c, &r.id],
+            )
+            .await?;
+        }
+        println!("\nSubscribers: Pizza Place ← Anna, Boris (two rows), Chen; Sushi Bar ← Anna; Empty Cafe ← nobody\n");
+        Ok(())
+    }
+
+    /// The input messages, each with what it shows.
+    fn inputs(&self, now: i64) -> Vec<(&'static str, String)> {
+        let action = |r: &Restaurant, k: Uuid, content: &str, start: i64, end: i64| {
+            json!({
+                "restaurant_id": r.id, "adv_campaign_id": k, "adv_campaign_content": content,
+                "adv_campaign_owner": format!("{} manager", r.name),
+                "adv_campaign_owner_contact": "owner@example.com",
+                "adv_campaign_datetime_start": start, "adv_campaign_datetime_end": end,
+                "datetime_created": now,
+            })
+            .to_string()
+        };
+        let (pizza, hour) = (&self.pizza, 3600);
+        let deal = action(
+            pizza,
+            self.pizza_deal,
+            "Two pizzas for one",
+            now - 60,
+            now + hour,
+        );
+        let malformed = action(pizza, self.pizza_deal, "x", now, now + 60)
+            .replace(&self.pizza_deal.to_string(), "12-x");
+        vec![
+            (
+                "eligible: Pizza Place, 2 for 1 until an hour from now",
+                deal.clone(),
+            ),
+            (
+                "eligible: Sushi Bar",
+                action(
+                    &self.sushi,
+                    self.sushi_deal,
+                    "Free miso soup",
+                    now - 60,
+                    now + 2 * hour,
+                ),
+            ),
+            (
+                "expired: Pizza Place, ended an hour ago",
+                action(
+                    pizza,
+                    Uuid::new_v4(),
+                    "Yesterday's deal",
+                    now - 2 * hour,
+                    now - hour,
+                ),
+            ),
+            (
+                "scheduled: Pizza Place, starts in 3 s",
+                action(pizza, self.happy_hour, "Happy hour", now + 3, now + hour),
+            ),
+            ("duplicate: the Pizza Place action again", deal),
+            (
+                "no subscribers: Empty Cafe",
+                action(
+                    &self.empty,
+                    Uuid::new_v4(),
+                    "Nobody will hear this",
+                    now - 60,
+                    now + hour,
+                ),
+            ),
+            ("malformed: adv_campaign_id is not a UUID", malformed),
+        ]
+    }
+}
+
+/// What the demo expects to see: push messages, feedback rows, dead letters.
+const EXPECTED: (usize, usize, usize) = (7, 7, 1);
+
 async fn run_demo(settings: &Settings, postgres: &ScratchPostgres) -> anyhow::Result<()> {
     for m in migrate::migrate(&postgres.url).await? {
         println!("migrate:  applied {m}");
     }
-    let pizza = Restaurant {
-        name: "Pizza Place",
-        id: Uuid::new_v4(),
-    };
-    let sushi = Restaurant {
-        name: "Sushi Bar",
-        id: Uuid::new_v4(),
-    };
-    let empty = Restaurant {
-        name: "Empty Cafe",
-        id: Uuid::new_v4(),
-    };
-    let (anna, boris, chen) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-    let client_name = |c: &str| -> &'static str {
-        if c == anna.to_string() {
-            "Anna"
-        } else if c == boris.to_string() {
-            "Boris"
-        } else if c == chen.to_string() {
-            "Chen"
-        } else {
-            "?"
-        }
-    };
+    let cast = Cast::new();
     let db = postgres_connect(&postgres.url).await?;
-    for (r, c) in [
-        (&pizza, anna),
-        (&pizza, boris),
-        (&pizza, boris),
-        (&pizza, chen),
-        (&sushi, anna),
-    ] {
-        db.execute(
-            "INSERT INTO subscribers_restaurants (client_id, restaurant_id) VALUES ($1, $2)",
-            &[&c, &r.id],
-        )
-        .await?;
-    }
-    println!("\nSubscribers: Pizza Place ← Anna, Boris (two rows), Chen; Sushi Bar ← Anna; Empty Cafe ← nobody\n");
+    cast.subscribe(&db).await?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let service = tokio::spawn(pipeline::run(settings.clone(), stop_rx));
-
-    let now = clock::now();
-    let k_pizza = Uuid::new_v4();
-    let k_sushi = Uuid::new_v4();
-    let k_expired = Uuid::new_v4();
-    let k_sched = Uuid::new_v4();
-    let k_empty = Uuid::new_v4();
-    let action = |r: &Restaurant, k: Uuid, content: &str, start: i64, end: i64| {
-        json!({
-            "restaurant_id": r.id, "adv_campaign_id": k, "adv_campaign_content": content,
-            "adv_campaign_owner": format!("{} manager", r.name),
-            "adv_campaign_owner_contact": "owner@example.com",
-            "adv_campaign_datetime_start": start, "adv_campaign_datetime_end": end,
-            "datetime_created": now,
-        })
-        .to_string()
-    };
-    let inputs: Vec<(&str, String)> = vec![
-        (
-            "eligible: Pizza Place, 2 for 1 until an hour from now",
-            action(&pizza, k_pizza, "Two pizzas for one", now - 60, now + 3600),
-        ),
-        (
-            "eligible: Sushi Bar",
-            action(&sushi, k_sushi, "Free miso soup", now - 60, now + 7200),
-        ),
-        (
-            "expired: Pizza Place, ended an hour ago",
-            action(
-                &pizza,
-                k_expired,
-                "Yesterday's deal",
-                now - 7200,
-                now - 3600,
-            ),
-        ),
-        (
-            "scheduled: Pizza Place, starts in 3 s",
-            action(&pizza, k_sched, "Happy hour", now + 3, now + 3600),
-        ),
-        (
-            "duplicate: the Pizza Place action again",
-            action(&pizza, k_pizza, "Two pizzas for one", now - 60, now + 3600),
-        ),
-        (
-            "no subscribers: Empty Cafe",
-            action(
-                &empty,
-                k_empty,
-                "Nobody will hear this",
-                now - 60,
-                now + 3600,
-            ),
-        ),
-        (
-            "malformed: adv_campaign_id is not a UUID",
-            action(&pizza, k_pizza, "x", now, now + 60).replace(&k_pizza.to_string(), "12-x"),
-        ),
-    ];
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &settings.brokers)
-        .create()?;
-    println!("Publishing to {}:", settings.input_topic);
-    for (label, value) in &inputs {
-        producer
-            .send(
-                FutureRecord::to(&settings.input_topic)
-                    .key(label.as_bytes())
-                    .payload(value.as_bytes()),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)?;
-        println!("  • {label}");
-    }
-
+    let stop = CancellationToken::new();
+    let service = tokio::spawn(pipeline::run(settings.clone(), stop.clone()));
+    publish(settings, &cast.inputs(clock::now())).await?;
     println!("\nWaiting for the pipeline (the scheduled campaign fires in 3 s)…");
-    let push = read_topic(
-        &settings.brokers,
-        &settings.output_topic,
-        7,
-        Duration::from_secs(30),
-    )
-    .await?;
-    let dlq = read_topic(
-        &settings.brokers,
-        &settings.dlq_topic,
-        1,
-        Duration::from_secs(10),
-    )
-    .await?;
-    let _ = stop_tx.send(true);
+    let (brokers, wait) = (&settings.brokers, Duration::from_secs(30));
+    let push = read_topic(brokers, &settings.output_topic, EXPECTED.0, wait).await?;
+    let dlq = read_topic(brokers, &settings.dlq_topic, EXPECTED.2, wait / 3).await?;
+    stop.cancel();
     service.await??;
 
-    let label = |k: &str| -> &str {
-        if k == k_pizza.to_string() {
-            "Pizza Place: Two pizzas for one"
-        } else if k == k_sushi.to_string() {
-            "Sushi Bar: Free miso soup"
-        } else if k == k_sched.to_string() {
-            "Pizza Place: Happy hour (scheduled)"
-        } else {
-            "?"
-        }
-    };
     println!(
         "\n{} push messages on {} (key = client_id):",
         push.len(),
@@ -215,32 +228,12 @@ async fn run_demo(settings: &Settings, postgres: &ScratchPostgres) -> anyhow::Re
         let v: serde_json::Value = serde_json::from_slice(value)?;
         println!(
             "  → {:<6} {:<38} trigger_datetime_created={}",
-            client_name(&String::from_utf8_lossy(key)),
-            label(v["adv_campaign_id"].as_str().unwrap_or("")),
+            cast.client_name(&String::from_utf8_lossy(key)),
+            cast.campaign_label(v["adv_campaign_id"].as_str().unwrap_or("")),
             v["trigger_datetime_created"]
         );
     }
-    let rows = db
-        .query(
-            "SELECT client_id, adv_campaign_id, adv_campaign_content, trigger_datetime_created::text \
-             FROM subscribers_feedback ORDER BY trigger_datetime_created, adv_campaign_content",
-            &[],
-        )
-        .await?;
-    println!(
-        "\n{} rows in subscribers_feedback (feedback NULL, waiting for the client):",
-        rows.len()
-    );
-    for r in &rows {
-        let client: Uuid = r.get(0);
-        let content: String = r.get(2);
-        let at: String = r.get(3);
-        println!(
-            "  ▸ {:<6} {:<20} at {at}",
-            client_name(&client.to_string()),
-            content
-        );
-    }
+    let rows = show_feedback(&db, &cast).await?;
     println!("\n{} message on {}:", dlq.len(), settings.dlq_topic);
     for (key, _, error) in &dlq {
         println!("  ✗ \"{}\": error = {error}", String::from_utf8_lossy(key));
@@ -251,8 +244,60 @@ async fn run_demo(settings: &Settings, postgres: &ScratchPostgres) -> anyhow::Re
          • Empty Cafe: no subscribers, nobody to notify\n  \
          • Boris stands in two rows for Pizza Place and got one notification"
     );
+    show_state(settings)?;
+    if (push.len(), rows, dlq.len()) != EXPECTED {
+        bail!("the demo expected 7 push messages, 7 feedback rows and 1 dead letter");
+    }
+    Ok(())
+}
+
+async fn publish(settings: &Settings, inputs: &[(&str, String)]) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .create()?;
+    println!("Publishing to {}:", settings.input_topic);
+    for (label, value) in inputs {
+        let record = FutureRecord::to(&settings.input_topic)
+            .key(label.as_bytes())
+            .payload(value.as_bytes());
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)?;
+        println!("  • {label}");
+    }
+    Ok(())
+}
+
+/// Prints the feedback rows; returns how many there are.
+async fn show_feedback(db: &tokio_postgres::Client, cast: &Cast) -> anyhow::Result<usize> {
+    let rows = db
+        .query(
+            "SELECT client_id, adv_campaign_content, trigger_datetime_created::text \
+             FROM subscribers_feedback ORDER BY trigger_datetime_created, adv_campaign_content",
+            &[],
+        )
+        .await?;
+    println!(
+        "\n{} rows in subscribers_feedback (feedback NULL, waiting for the client):",
+        rows.len()
+    );
+    for r in &rows {
+        let client: Uuid = r.get(0);
+        let content: String = r.get(1);
+        let at: String = r.get(2);
+        println!(
+            "  ▸ {:<6} {:<20} at {at}",
+            cast.client_name(&client.to_string()),
+            content
+        );
+    }
+    Ok(rows.len())
+}
+
+fn show_state(settings: &Settings) -> anyhow::Result<()> {
     let mut out = Vec::new();
-    let entries = crate::dump::dump(&settings.state_dir, None, &mut out)?;
+    let entries = crate::commands::dump::dump(&settings.state_dir, None, &mut out)?;
     let text = String::from_utf8(out)?;
     let count = |t: &str| {
         text.lines()
@@ -267,9 +312,6 @@ async fn run_demo(settings: &Settings, postgres: &ScratchPostgres) -> anyhow::Re
         count("sent"),
         count("positions")
     );
-    if push.len() != 7 || rows.len() != 7 || dlq.len() != 1 {
-        bail!("the demo expected 7 push messages, 7 feedback rows and 1 dead letter");
-    }
     Ok(())
 }
 
@@ -323,10 +365,7 @@ struct ScratchPostgres {
 }
 
 enum Scratch {
-    Database {
-        admin_url: String,
-        name: String,
-    },
+    Database(ScratchDb),
     Cluster {
         dir: tempfile::TempDir,
         pg_ctl: PathBuf,
@@ -336,21 +375,10 @@ enum Scratch {
 
 impl ScratchPostgres {
     async fn start(admin_url: &str) -> anyhow::Result<ScratchPostgres> {
-        if let Ok(client) = postgres_connect(admin_url).await {
-            let name = format!("promo_fanout_demo_{}", Uuid::new_v4().simple());
-            client
-                .batch_execute(&format!("CREATE DATABASE {name}"))
-                .await?;
-            let url = match admin_url.rsplit_once('/') {
-                Some((base, _)) if admin_url.contains("://") => format!("{base}/{name}"),
-                _ => format!("{admin_url} dbname={name}"),
-            };
+        if let Ok(db) = ScratchDb::create(admin_url, "promo_fanout_demo").await {
             return Ok(ScratchPostgres {
-                url,
-                kind: Scratch::Database {
-                    admin_url: admin_url.to_owned(),
-                    name,
-                },
+                url: db.url.clone(),
+                kind: Scratch::Database(db),
             });
         }
         Self::cluster().await
@@ -425,8 +453,8 @@ impl ScratchPostgres {
 
     fn describe(&self) -> String {
         match &self.kind {
-            Scratch::Database { name, .. } => {
-                format!("scratch database {name} (dropped at the end)")
+            Scratch::Database(db) => {
+                format!("scratch database {} (dropped at the end)", db.name)
             }
             Scratch::Cluster { dir, .. } => {
                 format!(
@@ -440,39 +468,9 @@ impl ScratchPostgres {
 
     async fn stop(self) {
         match self.kind {
-            Scratch::Database { admin_url, name } => {
-                if let Ok(c) = postgres_connect(&admin_url).await {
-                    // The change feed's slot keeps its database: drop it first.
-                    let _ = c
-                        .execute(
-                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                            &[&name],
-                        )
-                        .await;
-                    for _ in 0..50 {
-                        let left = c
-                            .query_one(
-                                "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
-                                &[&name],
-                            )
-                            .await
-                            .map(|r| r.get::<_, i64>(0))
-                            .unwrap_or(0);
-                        if left == 0 {
-                            break;
-                        }
-                        let _ = c
-                            .execute(
-                                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                                 WHERE database = $1 AND NOT active",
-                                &[&name],
-                            )
-                            .await;
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    let _ = c
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
+            Scratch::Database(db) => {
+                if let Err(error) = db.drop_all().await {
+                    eprintln!("could not drop the scratch database {}: {error}", db.name);
                 }
             }
             Scratch::Cluster {

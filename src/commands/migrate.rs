@@ -13,7 +13,7 @@ pub async fn migrate(postgres_url: &str) -> anyhow::Result<Vec<String>> {
         anyhow::anyhow!(
             "cannot connect to postgres at {}: {}",
             crate::config::redact_url(postgres_url),
-            crate::retry::postgres_text(&e)
+            crate::infra::retry::postgres_text(&e)
         )
     })?;
     let report = embedded::migrations::runner()

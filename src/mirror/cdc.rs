@@ -28,15 +28,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use promo_fanout_state::{Commit, MirrorMode, MirrorPosition, Store, StoreError, Subscription};
-use tokio::sync::watch;
+use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Settings;
-use crate::health::Health;
+use crate::infra::health::Health;
+use crate::infra::retry::{backoff, classify, Disposition, Failure};
+use crate::mirror::pgoutput::{self, Message, Tuple, Value};
 use crate::mirror::{self, SyncPlan, SyncStats};
-use crate::pgoutput::{self, lsn_text, Message, Tuple, Value};
-use crate::retry::{backoff, classify, Disposition, SinkError};
 
 /// Changes asked of the slot per poll at most (whole transactions: a larger
 /// one comes whole).
@@ -74,8 +75,8 @@ impl FeedConfig {
 
 /// What keeps the server from feeding changes, each with its fix; empty when
 /// nothing does.
-pub async fn missing(client: &Client, feed: &FeedConfig) -> Result<Vec<String>, SinkError> {
-    let pg = SinkError::Postgres;
+pub async fn missing(client: &Client, feed: &FeedConfig) -> Result<Vec<String>, Failure> {
+    let pg = Failure::Postgres;
     let mut out = Vec::new();
     let wal_level: String = client
         .query_one("SHOW wal_level", &[])
@@ -147,19 +148,17 @@ struct SlotState {
     active_pid: Option<i32>,
 }
 
-async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, SinkError> {
+async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, Failure> {
     let row = client
         .query_opt(
-            "SELECT confirmed_flush_lsn::text, coalesce(wal_status = 'lost', false), active_pid \
+            "SELECT confirmed_flush_lsn, coalesce(wal_status = 'lost', false), active_pid \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
-        .map_err(SinkError::Postgres)?;
+        .map_err(Failure::Postgres)?;
     Ok(row.map(|r| SlotState {
-        confirmed: r
-            .get::<_, Option<String>>(0)
-            .and_then(|t| pgoutput::parse_lsn(&t)),
+        confirmed: r.get::<_, Option<PgLsn>>(0).map(u64::from),
         lost: r.get(1),
         active_pid: r.get(2),
     }))
@@ -167,7 +166,7 @@ async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, Si
 
 /// Drops this pipeline's slot if there is one, e.g. when the service runs in
 /// `refresh` mode and the slot would only pin WAL.
-pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, SinkError> {
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, Failure> {
     let Some(state) = slot_state(client, slot).await? else {
         return Ok(false);
     };
@@ -179,40 +178,23 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, SinkError> {
     client
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await
-        .map_err(SinkError::Postgres)?;
+        .map_err(Failure::Postgres)?;
     Ok(true)
 }
 
 /// Makes the mirror ready to follow the slot: resumes when the store's
 /// position and the slot agree, else (first start, a switch from `refresh`,
 /// a lost slot) creates the slot and takes a snapshot after it.
-pub async fn prepare(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(), SinkError> {
+pub async fn prepare(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(), Failure> {
     let client = crate::sinks::postgres_connect(&feed.postgres_url)
         .await
-        .map_err(SinkError::Postgres)?;
+        .map_err(Failure::Postgres)?;
     let position = store.mirror_position()?;
     let slot = slot_state(&client, &feed.slot).await?;
-    let reason = match (&position, &slot) {
-        (Some(p), _) if p.mode != MirrorMode::Cdc || !p.snapshot_complete => None,
-        (None, _) => None,
-        (Some(_), None) => Some("slot missing"),
-        (Some(_), Some(s)) if s.lost => Some("slot invalidated"),
-        (Some(p), Some(s)) if p.slot.as_deref() != Some(feed.slot.as_str()) => {
-            let _ = s;
-            Some("slot renamed")
-        }
-        (Some(p), Some(s)) => match (p.lsn, s.confirmed) {
-            (Some(ours), Some(theirs)) if theirs <= ours => {
-                tracing::info!(
-                    slot = %feed.slot,
-                    mirror_lsn = %lsn_text(ours),
-                    slot_lsn = %lsn_text(theirs),
-                    "mirror present; resuming the change feed without a snapshot"
-                );
-                return Ok(());
-            }
-            _ => Some("slot ahead of the mirror"),
-        },
+    let reason = match how_to_start(position.as_ref(), slot.as_ref(), feed) {
+        Start::Resume => return Ok(()),
+        Start::Fresh => None,
+        Start::Resnapshot(reason) => Some(reason),
     };
     let had_mirror = position.as_ref().is_some_and(|p| p.snapshot_complete);
     match reason {
@@ -233,15 +215,15 @@ pub async fn prepare(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(
         }
         drop_slot(&client, &feed.slot).await?;
     }
-    let start: String = client
+    let start: u64 = client
         .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            "SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')",
             &[&feed.slot],
         )
         .await
-        .map_err(SinkError::Postgres)?
-        .get(0);
-    let start = pgoutput::parse_lsn(&start).expect("Postgres prints LSNs as X/Y");
+        .map_err(Failure::Postgres)?
+        .get::<_, PgLsn>(0)
+        .into();
     // Until the snapshot is merged, the mirror may not be trusted.
     let mut pending = Commit::new();
     pending.set_mirror_position(&MirrorPosition {
@@ -270,17 +252,58 @@ pub async fn prepare(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(
     tracing::info!(
         rows,
         seconds = started.elapsed().as_secs_f64(),
-        slot_lsn = %lsn_text(start),
+        slot_lsn = %PgLsn::from(start),
         "snapshot loaded; following the change feed"
     );
     Ok(())
+}
+
+/// How the change feed starts from what the store and the slot hold.
+enum Start {
+    /// The store's position and the slot agree.
+    Resume,
+    /// No cdc mirror yet: slot, then snapshot.
+    Fresh,
+    /// The slot cannot be resumed without a gap: a new slot and snapshot.
+    Resnapshot(&'static str),
+}
+
+fn how_to_start(
+    position: Option<&MirrorPosition>,
+    slot: Option<&SlotState>,
+    feed: &FeedConfig,
+) -> Start {
+    let Some(p) = position.filter(|p| p.mode == MirrorMode::Cdc && p.snapshot_complete) else {
+        return Start::Fresh;
+    };
+    let Some(s) = slot else {
+        return Start::Resnapshot("slot missing");
+    };
+    if s.lost {
+        return Start::Resnapshot("slot invalidated");
+    }
+    if p.slot.as_deref() != Some(feed.slot.as_str()) {
+        return Start::Resnapshot("slot renamed");
+    }
+    match (p.lsn, s.confirmed) {
+        (Some(ours), Some(theirs)) if theirs <= ours => {
+            tracing::info!(
+                slot = %feed.slot,
+                mirror_lsn = %PgLsn::from(ours),
+                slot_lsn = %PgLsn::from(theirs),
+                "mirror present; resuming the change feed without a snapshot"
+            );
+            Start::Resume
+        }
+        _ => Start::Resnapshot("slot ahead of the mirror"),
+    }
 }
 
 /// Waits for a slot held by another backend to be let go: after a `kill -9`
 /// the server backend of the dead process may still be finishing its query.
 /// A slot held for long belongs to a live reader: another promo-fanout with
 /// this group, which is an error.
-async fn wait_released(client: &Client, slot: &str, pid: i32) -> Result<(), SinkError> {
+async fn wait_released(client: &Client, slot: &str, pid: i32) -> Result<(), Failure> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         match slot_state(client, slot).await? {
@@ -291,7 +314,7 @@ async fn wait_released(client: &Client, slot: &str, pid: i32) -> Result<(), Sink
             _ => return Ok(()),
         }
     }
-    Err(SinkError::Config(format!(
+    Err(Failure::Config(format!(
         "replication slot {slot} has been in use by another process (pid {pid}) for 30 s: \
          is another promo-fanout running with this group?"
     )))
@@ -325,8 +348,7 @@ struct Layout {
 fn assemble(
     messages: impl IntoIterator<Item = Message>,
     relations: &mut HashMap<u32, Option<Layout>>,
-) -> Result<Vec<Txn>, SinkError> {
-    let bad = |m: String| SinkError::Feed(m);
+) -> Result<Vec<Txn>, Failure> {
     let mut out = Vec::new();
     let mut current: Option<Txn> = None;
     for m in messages {
@@ -341,78 +363,95 @@ fn assemble(
             Message::Relation {
                 oid, name, columns, ..
             } => {
-                let layout = if name == TABLE {
-                    let find = |col: &str| {
-                        columns
-                            .iter()
-                            .position(|c| c.name == col)
-                            .ok_or_else(|| bad(format!("{TABLE} has no column {col}")))
-                    };
-                    Some(Layout {
-                        id: find("id")?,
-                        restaurant: find("restaurant_id")?,
-                        client: find("client_id")?,
-                    })
-                } else {
-                    None
-                };
-                relations.insert(oid, layout);
-            }
-            Message::Insert { relation, new }
-            | Message::Update {
-                relation,
-                new,
-                old: None,
-            } => {
-                if let Some(l) = layout_of(relations, relation)? {
-                    push(&mut current, Change::Upsert(row(&l, &new)?))?;
-                }
-            }
-            Message::Update {
-                relation,
-                new,
-                old: Some(old),
-            } => {
-                if let Some(l) = layout_of(relations, relation)? {
-                    let new = row(&l, &new)?;
-                    let old_id = row_id(&l, &old)?;
-                    if old_id != new.row_id {
-                        push(&mut current, Change::Delete(old_id))?;
-                    }
-                    push(&mut current, Change::Upsert(new))?;
-                }
-            }
-            Message::Delete { relation, old } => {
-                if let Some(l) = layout_of(relations, relation)? {
-                    push(&mut current, Change::Delete(row_id(&l, &old)?))?;
-                }
-            }
-            Message::Truncate { relations: rels } => {
-                let mut ours = false;
-                for r in rels {
-                    ours |= layout_of(relations, r)?.is_some();
-                }
-                if ours {
-                    push(&mut current, Change::Truncate)?;
-                }
+                relations.insert(oid, layout(&name, &columns)?);
             }
             Message::Commit { end_lsn, .. } => {
                 let mut txn = current
                     .take()
-                    .ok_or_else(|| bad("commit without begin".into()))?;
+                    .ok_or_else(|| Failure::Feed("commit without begin".into()))?;
                 txn.end_lsn = end_lsn;
                 out.push(txn);
             }
             Message::Other(_) => {}
+            change => {
+                for c in changes(change, relations)? {
+                    push(&mut current, c)?;
+                }
+            }
         }
     }
     Ok(out)
 }
 
-fn push(current: &mut Option<Txn>, change: Change) -> Result<(), SinkError> {
+/// Where the source table keeps its columns; `None` for another table.
+fn layout(name: &str, columns: &[pgoutput::Column]) -> Result<Option<Layout>, Failure> {
+    if name != TABLE {
+        return Ok(None);
+    }
+    let find = |col: &str| {
+        columns
+            .iter()
+            .position(|c| c.name == col)
+            .ok_or_else(|| Failure::Feed(format!("{TABLE} has no column {col}")))
+    };
+    Ok(Some(Layout {
+        id: find("id")?,
+        restaurant: find("restaurant_id")?,
+        client: find("client_id")?,
+    }))
+}
+
+/// The changes to the source table one row message makes.
+fn changes(
+    message: Message,
+    relations: &HashMap<u32, Option<Layout>>,
+) -> Result<Vec<Change>, Failure> {
+    Ok(match message {
+        Message::Insert { relation, new }
+        | Message::Update {
+            relation,
+            new,
+            old: None,
+        } => match layout_of(relations, relation)? {
+            Some(l) => vec![Change::Upsert(row(&l, &new)?)],
+            None => vec![],
+        },
+        Message::Update {
+            relation,
+            new,
+            old: Some(old),
+        } => match layout_of(relations, relation)? {
+            Some(l) => {
+                let new = row(&l, &new)?;
+                let old_id = row_id(&l, &old)?;
+                let moved = (old_id != new.row_id).then_some(Change::Delete(old_id));
+                moved.into_iter().chain([Change::Upsert(new)]).collect()
+            }
+            None => vec![],
+        },
+        Message::Delete { relation, old } => match layout_of(relations, relation)? {
+            Some(l) => vec![Change::Delete(row_id(&l, &old)?)],
+            None => vec![],
+        },
+        Message::Truncate { relations: rels } => {
+            let mut ours = false;
+            for r in rels {
+                ours |= layout_of(relations, r)?.is_some();
+            }
+            if ours {
+                vec![Change::Truncate]
+            } else {
+                vec![]
+            }
+        }
+        _ => vec![],
+    })
+}
+
+fn push(current: &mut Option<Txn>, change: Change) -> Result<(), Failure> {
     current
         .as_mut()
-        .ok_or_else(|| SinkError::Feed("change outside a transaction".into()))?
+        .ok_or_else(|| Failure::Feed("change outside a transaction".into()))?
         .changes
         .push(change);
     Ok(())
@@ -421,33 +460,33 @@ fn push(current: &mut Option<Txn>, change: Change) -> Result<(), SinkError> {
 fn layout_of(
     relations: &HashMap<u32, Option<Layout>>,
     oid: u32,
-) -> Result<Option<Layout>, SinkError> {
+) -> Result<Option<Layout>, Failure> {
     relations
         .get(&oid)
         .copied()
-        .ok_or_else(|| SinkError::Feed(format!("change to relation {oid} before its description")))
+        .ok_or_else(|| Failure::Feed(format!("change to relation {oid} before its description")))
 }
 
-fn text<'a>(tuple: &'a Tuple, at: usize, what: &str) -> Result<&'a str, SinkError> {
+fn text<'a>(tuple: &'a Tuple, at: usize, what: &str) -> Result<&'a str, Failure> {
     match tuple.get(at) {
         Some(Value::Text(t)) => Ok(t),
-        other => Err(SinkError::Feed(format!(
+        other => Err(Failure::Feed(format!(
             "{TABLE}.{what}: expected a value, got {other:?}"
         ))),
     }
 }
 
-fn row_id(l: &Layout, tuple: &Tuple) -> Result<i64, SinkError> {
+fn row_id(l: &Layout, tuple: &Tuple) -> Result<i64, Failure> {
     let t = text(tuple, l.id, "id")?;
     t.parse()
-        .map_err(|_| SinkError::Feed(format!("{TABLE}.id: {t:?} is not an integer")))
+        .map_err(|_| Failure::Feed(format!("{TABLE}.id: {t:?} is not an integer")))
 }
 
-fn row(l: &Layout, tuple: &Tuple) -> Result<Subscription, SinkError> {
-    let uuid = |at: usize, what: &str| -> Result<Uuid, SinkError> {
+fn row(l: &Layout, tuple: &Tuple) -> Result<Subscription, Failure> {
+    let uuid = |at: usize, what: &str| -> Result<Uuid, Failure> {
         let t = text(tuple, at, what)?;
         Uuid::parse_str(t)
-            .map_err(|_| SinkError::Feed(format!("{TABLE}.{what}: {t:?} is not a uuid")))
+            .map_err(|_| Failure::Feed(format!("{TABLE}.{what}: {t:?} is not a uuid")))
     };
     Ok(Subscription {
         row_id: row_id(l, tuple)?,
@@ -529,7 +568,7 @@ fn apply(
         }
         next.lsn = Some(txn.end_lsn);
     }
-    next.synced_at = crate::clock::now();
+    next.synced_at = crate::infra::clock::now();
     commit.set_mirror_position(&next);
     Ok((commit, next))
 }
@@ -540,14 +579,14 @@ pub async fn follow(
     store: Arc<Store>,
     feed: FeedConfig,
     health: Arc<Health>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), SinkError> {
+    shutdown: CancellationToken,
+) -> Result<(), Failure> {
     let mut delays = backoff();
     loop {
-        let result = stream(&store, &feed, &health, &mut shutdown).await;
+        let result = stream(&store, &feed, &health, &shutdown).await;
         // The feed polls Postgres all the time: while it fails, the service
         // is not ready even when no batch is being written.
-        if let Err(SinkError::Postgres(e)) = &result {
+        if let Err(Failure::Postgres(e)) = &result {
             // Unreachable, not merely busy (a slot still held by a killed
             // predecessor's backend is waited for without going unready).
             let unreachable = e
@@ -557,7 +596,7 @@ pub async fn follow(
                 health.change_feed.set_ok(false);
             }
         }
-        if *shutdown.borrow() {
+        if shutdown.is_cancelled() {
             return Ok(());
         }
         let error = match result {
@@ -566,7 +605,7 @@ pub async fn follow(
         };
         if slot_gone(&error) {
             tracing::error!(%error, slot = %feed.slot, "replication slot lost while following it");
-            let now = crate::clock::now();
+            let now = crate::infra::clock::now();
             // `prepare` sees the missing or invalidated slot and re-snapshots.
             if let Err(e) = prepare(store.clone(), &feed, now).await {
                 if classify(&e) != Disposition::Retry {
@@ -584,14 +623,14 @@ pub async fn follow(
         tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "change feed failed; retrying");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(()),
         }
     }
 }
 
 /// The slot was dropped or invalidated under us.
-fn slot_gone(error: &SinkError) -> bool {
-    let SinkError::Postgres(e) = error else {
+fn slot_gone(error: &Failure) -> bool {
+    let Failure::Postgres(e) = error else {
         return false;
     };
     let Some(db) = e.as_db_error() else {
@@ -607,99 +646,11 @@ async fn stream(
     store: &Arc<Store>,
     feed: &FeedConfig,
     health: &Health,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), SinkError> {
-    let pg = SinkError::Postgres;
-    let client = crate::sinks::postgres_connect(&feed.postgres_url)
-        .await
-        .map_err(pg)?;
-    let mut position = store
-        .mirror_position()?
-        .filter(|p| p.mode == MirrorMode::Cdc && p.snapshot_complete)
-        .ok_or_else(|| SinkError::Feed("the change feed started before its snapshot".into()))?;
-    // Catch the slot up with a store that committed before a crash.
-    if let (Some(done), Some(state)) = (position.lsn, slot_state(&client, &feed.slot).await?) {
-        if state.confirmed.is_some_and(|c| c < done) {
-            advance(&client, &feed.slot, done).await?;
-        }
-    }
-    let mut relations = HashMap::new();
-    let mut idle_since = Instant::now();
+    shutdown: &CancellationToken,
+) -> Result<(), Failure> {
+    let mut reader = Reader::open(store, feed).await?;
     loop {
-        let before: String = client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(pg)?
-            .get(0);
-        let before = pgoutput::parse_lsn(&before).unwrap_or(0);
-        let peek_started = Instant::now();
-        let rows = client
-            .query(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
-                 'proto_version', '1', 'publication_names', $3)",
-                &[&feed.slot, &MAX_CHANGES, &feed.publication],
-            )
-            .await
-            .map_err(pg)?;
-        let peek_took = peek_started.elapsed();
-        health.change_feed.set_ok(true);
-        let full = rows.len() as i32 >= MAX_CHANGES;
-        let mut messages = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let data: &[u8] = r.get(0);
-            messages.push(pgoutput::parse(data).map_err(|e| SinkError::Feed(e.to_string()))?);
-        }
-        let mut txns = assemble(messages, &mut relations)?;
-        let read = txns.len();
-        // Transactions at or below the stored LSN were applied before a crash.
-        txns.retain(|t| position.lsn.is_none_or(|done| t.end_lsn > done));
-        let fresh = txns.len();
-        if fresh > 0 {
-            let store = store.clone();
-            let done = position.clone();
-            position = tokio::task::spawn_blocking(move || {
-                let (commit, next) = apply(&store, &txns, &done)?;
-                store.commit(commit)?;
-                // Commit in Postgres to durable in the mirror.
-                let now = crate::clock::now_f64();
-                for t in &txns {
-                    metrics::histogram!("promo_fanout_mirror_freshness_seconds")
-                        .record((now - pgoutput::unix_seconds(t.commit_time)).max(0.0));
-                }
-                Ok::<_, StoreError>(next)
-            })
-            .await
-            .expect("the mirror apply does not panic")?;
-            crate::failpoint!("cdc-after-apply");
-            metrics::counter!("promo_fanout_mirror_transactions_total").increment(fresh as u64);
-            if let Some(lsn) = position.lsn {
-                advance(&client, &feed.slot, lsn).await?;
-            }
-            idle_since = Instant::now();
-        } else if read > 0 {
-            // Only transactions applied before a crash: confirm them.
-            if let Some(lsn) = position.lsn {
-                advance(&client, &feed.slot, lsn).await?;
-            }
-        } else if idle_since.elapsed() >= KEEPALIVE && position.lsn.is_some_and(|l| before > l) {
-            // Nothing of ours up to `before` (read before the peek): move
-            // the store, then the slot, so no WAL is kept for us.
-            let mut next = position.clone();
-            next.lsn = Some(before);
-            next.synced_at = crate::clock::now();
-            let mut commit = Commit::new();
-            commit.set_mirror_position(&next);
-            let s = store.clone();
-            tokio::task::spawn_blocking(move || s.commit(commit))
-                .await
-                .expect("the store commit does not panic")?;
-            position = next;
-            advance(&client, &feed.slot, before).await?;
-            idle_since = Instant::now();
-        }
-        if let Some(lsn) = position.lsn {
-            metrics::gauge!("promo_fanout_mirror_lag_bytes").set(before.saturating_sub(lsn) as f64);
-        }
+        let (full, peek_took) = reader.step(health).await?;
         if !full {
             // Each peek decodes all the database's WAL since the slot's
             // restart point, the feedback rows included, and forgets what
@@ -709,27 +660,159 @@ async fn stream(
             let pause = feed.poll.max(peek_took * PEEK_SHARE);
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
-                _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(()),
             }
         }
     }
 }
 
-async fn advance(client: &Client, slot: &str, lsn: u64) -> Result<(), SinkError> {
+/// The slot being read: what of it the store holds, and the relations seen.
+struct Reader<'a> {
+    store: &'a Arc<Store>,
+    feed: &'a FeedConfig,
+    client: Client,
+    position: MirrorPosition,
+    relations: HashMap<u32, Option<Layout>>,
+    idle_since: Instant,
+}
+
+impl<'a> Reader<'a> {
+    async fn open(store: &'a Arc<Store>, feed: &'a FeedConfig) -> Result<Reader<'a>, Failure> {
+        let client = crate::sinks::postgres_connect(&feed.postgres_url)
+            .await
+            .map_err(Failure::Postgres)?;
+        let position = store
+            .mirror_position()?
+            .filter(|p| p.mode == MirrorMode::Cdc && p.snapshot_complete)
+            .ok_or_else(|| Failure::Feed("the change feed started before its snapshot".into()))?;
+        // Catch the slot up with a store that committed before a crash.
+        if let (Some(done), Some(state)) = (position.lsn, slot_state(&client, &feed.slot).await?) {
+            if state.confirmed.is_some_and(|c| c < done) {
+                advance(&client, &feed.slot, done).await?;
+            }
+        }
+        Ok(Reader {
+            store,
+            feed,
+            client,
+            position,
+            relations: HashMap::new(),
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// One peek at the slot, applied: returns whether it was full (more
+    /// waits) and how long the peek took.
+    async fn step(&mut self, health: &Health) -> Result<(bool, Duration), Failure> {
+        let pg = Failure::Postgres;
+        let before: u64 = self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()", &[])
+            .await
+            .map_err(pg)?
+            .get::<_, PgLsn>(0)
+            .into();
+        let peek_started = Instant::now();
+        let rows = self
+            .client
+            .query(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
+                 'proto_version', '1', 'publication_names', $3)",
+                &[&self.feed.slot, &MAX_CHANGES, &self.feed.publication],
+            )
+            .await
+            .map_err(pg)?;
+        let peek_took = peek_started.elapsed();
+        health.change_feed.set_ok(true);
+        let full = rows.len() as i32 >= MAX_CHANGES;
+        let mut messages = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let data: &[u8] = r.get(0);
+            messages.push(pgoutput::parse(data).map_err(|e| Failure::Feed(e.to_string()))?);
+        }
+        let mut txns = assemble(messages, &mut self.relations)?;
+        let read = txns.len();
+        // Transactions at or below the stored LSN were applied before a crash.
+        txns.retain(|t| self.position.lsn.is_none_or(|done| t.end_lsn > done));
+        if !txns.is_empty() {
+            self.apply(txns).await?;
+        } else if read > 0 {
+            // Only transactions applied before a crash: confirm them.
+            if let Some(lsn) = self.position.lsn {
+                advance(&self.client, &self.feed.slot, lsn).await?;
+            }
+        } else if self.idle_since.elapsed() >= KEEPALIVE
+            && self.position.lsn.is_some_and(|l| before > l)
+        {
+            self.skip_to(before).await?;
+        }
+        if let Some(lsn) = self.position.lsn {
+            metrics::gauge!("promo_fanout_mirror_lag_bytes").set(before.saturating_sub(lsn) as f64);
+        }
+        Ok((full, peek_took))
+    }
+
+    /// Applies transactions to the store, then confirms them to the slot.
+    async fn apply(&mut self, txns: Vec<Txn>) -> Result<(), Failure> {
+        let fresh = txns.len();
+        let store = self.store.clone();
+        let done = self.position.clone();
+        self.position = tokio::task::spawn_blocking(move || {
+            let (commit, next) = apply(&store, &txns, &done)?;
+            store.commit(commit)?;
+            // Commit in Postgres to durable in the mirror.
+            let now = crate::infra::clock::now_f64();
+            for t in &txns {
+                metrics::histogram!("promo_fanout_mirror_freshness_seconds")
+                    .record((now - pgoutput::unix_seconds(t.commit_time)).max(0.0));
+            }
+            Ok::<_, StoreError>(next)
+        })
+        .await
+        .expect("the mirror apply does not panic")?;
+        crate::failpoint!("cdc-after-apply");
+        metrics::counter!("promo_fanout_mirror_transactions_total").increment(fresh as u64);
+        if let Some(lsn) = self.position.lsn {
+            advance(&self.client, &self.feed.slot, lsn).await?;
+        }
+        self.idle_since = Instant::now();
+        Ok(())
+    }
+
+    /// Nothing of ours up to `lsn` (read before the peek): moves the store,
+    /// then the slot, so no WAL is kept for us.
+    async fn skip_to(&mut self, lsn: u64) -> Result<(), Failure> {
+        let mut next = self.position.clone();
+        next.lsn = Some(lsn);
+        next.synced_at = crate::infra::clock::now();
+        let mut commit = Commit::new();
+        commit.set_mirror_position(&next);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.commit(commit))
+            .await
+            .expect("the store commit does not panic")?;
+        self.position = next;
+        advance(&self.client, &self.feed.slot, lsn).await?;
+        self.idle_since = Instant::now();
+        Ok(())
+    }
+}
+
+async fn advance(client: &Client, slot: &str, lsn: u64) -> Result<(), Failure> {
     client
         .execute(
-            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-            &[&slot, &lsn_text(lsn)],
+            "SELECT pg_replication_slot_advance($1, $2)",
+            &[&slot, &PgLsn::from(lsn)],
         )
         .await
-        .map_err(SinkError::Postgres)?;
+        .map_err(Failure::Postgres)?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pgoutput::Column;
+    use crate::mirror::pgoutput::Column;
 
     fn rel() -> Message {
         Message::Relation {

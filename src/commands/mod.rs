@@ -1,0 +1,7 @@
+//! The commands besides `run`: each a function `main` dispatches to.
+
+pub mod demo;
+pub mod dump;
+pub mod migrate;
+pub mod rebuild;
+pub mod set_position;

@@ -1,0 +1,378 @@
+//! The broker: fresh topics, a producer and a reader for tests, and a
+//! private tansu for faults that would disturb the shared one.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{unique, wait_for};
+
+pub fn brokers() -> String {
+    std::env::var("PF_TEST_BROKERS").expect(
+        "PF_TEST_BROKERS is not set: run the suite with scripts/test.sh, which starts a broker",
+    )
+}
+
+/// Fresh input, output and DLQ topics.
+pub struct Topics {
+    pub input: String,
+    pub output: String,
+    pub dlq: String,
+    pub group: String,
+}
+
+impl Topics {
+    pub fn new(partitions: i32) -> Topics {
+        Topics::on(&brokers(), partitions)
+    }
+
+    /// Fresh one-partition topics on librdkafka's mock cluster.
+    pub fn on_mock<C: rdkafka::ClientContext>(
+        mock: &rdkafka::mocking::MockCluster<'_, C>,
+    ) -> Topics {
+        let t = Topics {
+            input: unique("actions"),
+            output: unique("push"),
+            dlq: unique("dlq"),
+            group: unique("group"),
+        };
+        for name in [&t.input, &t.output, &t.dlq] {
+            mock.create_topic(name, 1, 1).unwrap();
+        }
+        t
+    }
+
+    /// Fresh topics on another cluster, e.g. a private broker.
+    pub fn on(brokers: &str, partitions: i32) -> Topics {
+        let t = Topics {
+            input: unique("actions"),
+            output: unique("push"),
+            dlq: unique("dlq"),
+            group: unique("group"),
+        };
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let topics = [
+            NewTopic::new(&t.input, partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&t.output, partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&t.dlq, 1, TopicReplication::Fixed(1)),
+        ];
+        let results = rt
+            .block_on(admin.create_topics(&topics, &AdminOptions::new()))
+            .unwrap();
+        for r in results {
+            r.unwrap();
+        }
+        t
+    }
+}
+
+/// A producer for test input.
+pub struct Producer {
+    inner: FutureProducer,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Producer {
+    pub fn new() -> Producer {
+        Producer::on(&brokers())
+    }
+
+    /// A producer for another cluster, e.g. a mock one.
+    pub fn on(brokers: &str) -> Producer {
+        Producer::with(brokers, &[])
+    }
+
+    /// A producer with client properties of the test's own, e.g. a larger
+    /// `message.max.bytes`.
+    pub fn with(brokers: &str, properties: &[(&str, &str)]) -> Producer {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true");
+        for (k, v) in properties {
+            config.set(*k, *v);
+        }
+        Producer {
+            inner: config.create().unwrap(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// Sends `value` with `key` to a partition (or by key), waiting for the ack.
+    pub fn send(&self, topic: &str, key: Option<&[u8]>, value: &[u8], partition: Option<i32>) {
+        let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(value);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        if let Some(p) = partition {
+            rec = rec.partition(p);
+        }
+        self.rt
+            .block_on(self.inner.send(rec, Duration::from_secs(30)))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+
+    /// Sends many messages at once, waiting for every ack.
+    pub fn send_all<'a>(
+        &self,
+        topic: &str,
+        messages: impl Iterator<Item = (Option<&'a [u8]>, &'a [u8])>,
+    ) {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        self.rt.block_on(async {
+            let mut pending = Vec::new();
+            for (key, value) in messages {
+                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(value);
+                if let Some(k) = key {
+                    rec = rec.key(k);
+                }
+                loop {
+                    match self.inner.send_result(rec) {
+                        Ok(delivery) => {
+                            pending.push(delivery);
+                            break;
+                        }
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                            rec = back;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Err((e, _)) => panic!("produce: {e}"),
+                    }
+                }
+            }
+            for delivery in pending {
+                delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+            }
+        })
+    }
+
+    /// Sends actions keyed by restaurant at once, so that they are likely to
+    /// be read in one batch.
+    pub fn send_actions(&self, topic: &str, actions: &[Value]) {
+        let encoded: Vec<(String, String)> = actions
+            .iter()
+            .map(|a| {
+                (
+                    a["restaurant_id"].as_str().unwrap().to_owned(),
+                    a.to_string(),
+                )
+            })
+            .collect();
+        self.send_all(
+            topic,
+            encoded
+                .iter()
+                .map(|(k, v)| (Some(k.as_bytes()), v.as_bytes())),
+        );
+    }
+
+    pub fn send_action(&self, topic: &str, action: &Value) {
+        let key = action["restaurant_id"]
+            .as_str()
+            .map(|s| s.as_bytes().to_vec());
+        self.send(topic, key.as_deref(), action.to_string().as_bytes(), None);
+    }
+}
+
+/// One message as the tests read it back.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Record {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(self.value.as_deref().unwrap()).unwrap()
+    }
+}
+
+/// The push messages as sorted (restaurant, campaign, client) triples.
+pub fn triples(records: &[Record]) -> Vec<(Uuid, Uuid, Uuid)> {
+    let mut v: Vec<_> = records
+        .iter()
+        .map(|r| {
+            let j = r.json();
+            let p = |f: &str| Uuid::parse_str(j[f].as_str().unwrap()).unwrap();
+            (p("restaurant_id"), p("adv_campaign_id"), p("client_id"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Reads a topic from the beginning, without a group.
+pub struct Reader {
+    consumer: BaseConsumer,
+    pub seen: Vec<Record>,
+}
+
+impl Reader {
+    pub fn new(topic: &str) -> Reader {
+        Reader::on(&brokers(), topic)
+    }
+
+    /// A reader of a topic on another cluster.
+    pub fn on(brokers: &str, topic: &str) -> Reader {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in md.topics()[0].partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        Reader {
+            consumer,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads whatever has arrived within `quiet` of the last message.
+    pub fn drain(&mut self, quiet: Duration) -> &[Record] {
+        while let Some(m) = self.consumer.poll(quiet) {
+            let m = m.unwrap();
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.seen.push(Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+        &self.seen
+    }
+
+    /// Reads until at least `n` messages have been seen in all.
+    pub fn until(&mut self, n: usize, timeout: Duration) -> &[Record] {
+        let deadline = Instant::now() + timeout;
+        while self.seen.len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "timed out with {} of {n} messages",
+                self.seen.len()
+            );
+            self.drain(Duration::from_millis(200));
+        }
+        &self.seen
+    }
+
+    /// Reads until `n` messages, then a quiet second more, and asserts that
+    /// there are exactly `n` (`what` says why).
+    pub fn exactly(&mut self, n: usize, timeout: Duration, what: &str) -> &[Record] {
+        self.until(n, timeout);
+        self.drain(Duration::from_secs(1));
+        assert_eq!(self.seen.len(), n, "{what}");
+        &self.seen
+    }
+}
+
+/// A tansu broker of the test's own, on a free loopback port, for faults that
+/// would disturb the shared one (freezing it). Killed on drop.
+pub struct PrivateBroker {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl PrivateBroker {
+    pub fn start() -> PrivateBroker {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{addr}");
+        let tansu = std::env::var("PF_TEST_TANSU").unwrap_or_else(|_| "tansu".into());
+        let child = Command::new(&tansu)
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {tansu} (scripts/test.sh installs it): {e}"));
+        wait_for(
+            "the private broker to listen",
+            Duration::from_secs(30),
+            || std::net::TcpStream::connect(&addr).ok(),
+        );
+        PrivateBroker { child, addr }
+    }
+
+    /// SIGSTOP: the process stays, its connections stay open, nothing answers.
+    pub fn freeze(&self) {
+        signal(&self.child, Signal::SIGSTOP);
+    }
+
+    /// SIGCONT.
+    pub fn thaw(&self) {
+        signal(&self.child, Signal::SIGCONT);
+    }
+}
+
+/// Sends `sig` to a child process.
+pub fn signal(child: &Child, sig: Signal) {
+    kill(Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+/// A loopback port free now. Only for tansu, which cannot report the port it
+/// binds: another process may take it before tansu does (the service binds
+/// port 0 and reports its address instead).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.thaw();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
