@@ -25,6 +25,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,8 +41,8 @@ use uuid::Uuid;
 mod common;
 
 use common::{
-    bench_dir, drop_db, env_or, feedback_rows, free_addr, get, peers_dir, scratch_db, write_result,
-    BIN,
+    bench_dir, buckets, drop_db, env_or, feedback_rows, free_addr, get, peers_dir, percentile,
+    quantile, scratch_db, write_result, BIN,
 };
 
 const PARTITIONS: i32 = 4;
@@ -108,6 +109,105 @@ fn peak_rss_mib(pid: u32) -> f64 {
                 .ok()
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Subscriptions a second written during a throughput run.
+const LATE_RATE: u64 = 200;
+
+/// Subscribes new clients to one restaurant at a steady rate, each in its
+/// own transaction, until stopped; notes when each committed.
+struct LateWriter {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<(Uuid, Instant)>>,
+}
+
+impl LateWriter {
+    fn start(url: &str, restaurant: Uuid, rate: u64) -> LateWriter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, url) = (stop.clone(), url.to_owned());
+        let handle = std::thread::spawn(move || {
+            let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            let insert = pg
+                .prepare("INSERT INTO subscribers_restaurants (client_id, restaurant_id) VALUES ($1, $2)")
+                .unwrap();
+            let every = Duration::from_secs_f64(1.0 / rate as f64);
+            let started = Instant::now();
+            let mut written = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let due = started + every * written.len() as u32;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let c = Uuid::new_v4();
+                pg.execute(&insert, &[&c, &restaurant]).unwrap();
+                written.push((c, Instant::now()));
+            }
+            written
+        });
+        LateWriter { stop, handle }
+    }
+
+    fn stop(self) -> Vec<(Uuid, Instant)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+/// Reads a push topic from the start and notes when each message for one
+/// restaurant was seen, by client.
+struct PushWatch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<HashMap<Uuid, Instant>>>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl PushWatch {
+    fn start(brokers: &str, topic: &str, restaurant: Uuid) -> PushWatch {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("e2e_watch_{}", Uuid::new_v4().simple()))
+            .set("fetch.wait.max.ms", "5")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
+        let (flag, into) = (stop.clone(), seen.clone());
+        let wanted = restaurant.to_string();
+        let handle = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let at = Instant::now();
+                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                if v["restaurant_id"].as_str() == Some(wanted.as_str()) {
+                    let c = v["client_id"].as_str().unwrap().parse().unwrap();
+                    into.lock().unwrap().entry(c).or_insert(at);
+                }
+            }
+        });
+        PushWatch { stop, seen, handle }
+    }
+
+    /// Messages seen for the restaurant so far.
+    fn seen(&self) -> f64 {
+        self.seen.lock().unwrap().len() as f64
+    }
+
+    fn arrivals(&self) -> HashMap<Uuid, Instant> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap();
+    }
 }
 
 struct Topics {
@@ -229,10 +329,12 @@ impl Bench {
         t: &Topics,
         state: &std::path::Path,
         group: &str,
+        flags: &[&str],
     ) -> (Child, String) {
         let metrics = free_addr();
         let child = Command::new(BIN)
             .arg("run")
+            .args(flags)
             .args(["--brokers", &self.brokers, "--postgres-url", url])
             .args(["--state-dir", state.to_str().unwrap()])
             .args(["--input-topic", &t.input, "--output-topic", &t.output])
@@ -277,8 +379,9 @@ impl Bench {
     }
 
     /// Raw Postgres ingest of feedback-shaped rows into the indexed table:
-    /// COPY, and multi-row INSERT … ON CONFLICT DO NOTHING in batches of 5,000.
-    fn raw_postgres(&mut self, n: u64) -> f64 {
+    /// COPY, and multi-row INSERT … ON CONFLICT DO NOTHING in batches of 5,000:
+    /// (COPY, INSERT) rows/s.
+    fn raw_postgres(&mut self, n: u64) -> (f64, f64) {
         let scratch = scratch_db(&self.admin_url, "pf_e2e");
         let url = scratch.url.clone();
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
@@ -338,7 +441,7 @@ impl Bench {
         );
         self.plotted.push(("raw COPY".into(), copy));
         self.plotted.push(("raw INSERT".into(), insert));
-        copy.max(insert)
+        (copy, insert)
     }
 
     /// Raw idempotent produce (acks=all) of push-shaped messages.
@@ -368,33 +471,109 @@ impl Bench {
         rate
     }
 
-    /// The service end to end: notifications/s committed on both sinks.
-    fn throughput(&mut self, load: &Load) -> f64 {
+    /// The service end to end in `mode` (`cdc` or `refresh`): notifications/s
+    /// committed on both sinks, while a writer adds [`LATE_RATE`]
+    /// subscribers a second to a restaurant whose campaign has been fanned
+    /// out. In `cdc` mode, also the mirror's freshness and the late
+    /// subscribers' notification latency under that load.
+    fn throughput(&mut self, load: &Load, mode: &str) -> f64 {
         let scratch = scratch_db(&self.admin_url, "pf_e2e");
         let (name, url) = (scratch.name.clone(), scratch.url.clone());
         let actions = load.subscribe(&url);
+        let late_r = Uuid::new_v4();
+        subscribe(&url, late_r, 1);
         let t = self.topics(PARTITIONS);
         let state = tempfile::tempdir().unwrap();
-        let (mut child, metrics) = self.service(&url, &t, state.path(), &name);
+        let flags = ["--mirror-mode", mode];
+        let (mut child, metrics) = self.service(&url, &t, state.path(), &name, &flags);
         self.wait_ready(&metrics, Duration::from_secs(120));
-        let expected = load.notifications() as f64;
+        let watch = PushWatch::start(&self.brokers, &t.output, late_r);
         let producer = self.producer();
+        self.produce_all(
+            &producer,
+            &t.input,
+            &[(late_r.to_string(), action(late_r, Uuid::new_v4()))],
+        );
+        self.wait_sent(&metrics, 1.0, Duration::from_secs(60));
+
+        let writer = LateWriter::start(&url, late_r, LATE_RATE);
+        let expected = load.notifications() as f64;
         let started = Instant::now();
         self.produce_all(&producer, &t.input, &actions);
-        self.wait_sent(&metrics, expected, Duration::from_secs(1800));
+        let deadline = started + Duration::from_secs(1800);
+        while metric(&metrics, "promo_fanout_notifications_sent_total") - watch.seen() < expected {
+            assert!(
+                Instant::now() < deadline,
+                "the notifications did not all commit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let rate = expected / started.elapsed().as_secs_f64();
-        let rows = feedback_rows(&mut postgres::Client::connect(&url, postgres::NoTls).unwrap());
+        let written = writer.stop();
+        let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let rows: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM subscribers_feedback WHERE restaurant_id <> $1",
+                &[&late_r],
+            )
+            .unwrap()
+            .get(0);
         assert_eq!(rows as f64, expected, "every notification is in Postgres");
+        let conditions = format!(
+            "{}, both sinks committed, `mirror-mode {mode}`, {LATE_RATE} subscriptions/s written meanwhile",
+            load.describe()
+        );
+        self.row(
+            &format!("promo-fanout end to end, {mode}"),
+            format!("{rate:.0} notifications/s"),
+            &conditions,
+        );
+        self.plotted.push((format!("promo-fanout {mode}"), rate));
+        if mode == "cdc" {
+            self.under_load(&metrics, &watch, &written);
+        }
+        watch.stop();
         let _ = child.kill();
         let _ = child.wait();
+        drop(pg);
         drop_db(&scratch);
-        self.row(
-            "promo-fanout end to end",
-            format!("{rate:.0} notifications/s"),
-            &format!("{}, both sinks committed", load.describe()),
-        );
-        self.plotted.push(("promo-fanout".into(), rate));
         rate
+    }
+
+    /// The mirror's freshness during a throughput run, and how long the late
+    /// subscribers written meanwhile waited for their notification.
+    fn under_load(&mut self, metrics: &str, watch: &PushWatch, written: &[(Uuid, Instant)]) {
+        let (_, body) = get(metrics, "/metrics").unwrap_or_default();
+        let b = buckets(&body, "promo_fanout_mirror_freshness_seconds");
+        let applied = b.last().map_or(0.0, |l| l.1);
+        self.row(
+            "mirror freshness under load",
+            format!(
+                "p50 ≤ {:.0} ms, p99 ≤ {:.0} ms",
+                quantile(&b, 0.5) * 1000.0,
+                quantile(&b, 0.99) * 1000.0
+            ),
+            &format!("commit → durable in the mirror, {applied:.0} transactions during the throughput run (histogram bucket bounds); target p99 ≤ 200 ms"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (watch.seen() as usize) < written.len() + 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let seen = watch.arrivals();
+        let mut lat: Vec<f64> = written
+            .iter()
+            .filter_map(|(c, at)| Some(seen.get(c)?.duration_since(*at).as_secs_f64() * 1000.0))
+            .collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        self.row(
+            "late subscriber notified, under load",
+            format!("p50 {:.0} ms, p99 {:.0} ms", percentile(&lat, 0.5), percentile(&lat, 0.99)),
+            &format!(
+                "subscription committed → push visible, {} of {} late subscribers written during the throughput run",
+                lat.len(),
+                written.len()
+            ),
+        );
     }
 
     /// A peer (benches/peers/<script>) on the same data as [`Bench::throughput`]:
@@ -546,7 +725,7 @@ impl Bench {
         .unwrap();
         let t = self.topics(PARTITIONS);
         let state = tempfile::tempdir().unwrap();
-        let (mut child, metrics) = self.service(&url, &t, state.path(), &name);
+        let (mut child, metrics) = self.service(&url, &t, state.path(), &name, &[]);
         self.wait_ready(&metrics, Duration::from_secs(300));
 
         // Campaign → (when produced, counted).
@@ -637,11 +816,7 @@ impl Bench {
         });
         let mut lat = reader.join().unwrap();
         lat.sort_by(|a, b| a.total_cmp(b));
-        let q = |p: f64| {
-            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-                .copied()
-                .unwrap_or(f64::NAN)
-        };
+        let q = |p: f64| percentile(&lat, p);
         let _ = child.kill();
         let _ = child.wait();
         drop_db(&scratch);
@@ -670,7 +845,7 @@ impl Bench {
         subscribe(&url, r, n);
         let t = self.topics(PARTITIONS);
         let state = tempfile::tempdir().unwrap();
-        let (mut child, metrics) = self.service(&url, &t, state.path(), &name);
+        let (mut child, metrics) = self.service(&url, &t, state.path(), &name, &[]);
         self.wait_ready(&metrics, Duration::from_secs(600));
         let producer = self.producer();
         let started = Instant::now();
@@ -714,11 +889,11 @@ impl Bench {
             .unwrap();
         let t = self.topics(1);
         let state = tempfile::tempdir().unwrap();
-        let (mut child, metrics) = self.service(&url, &t, state.path(), &name);
+        let (mut child, metrics) = self.service(&url, &t, state.path(), &name, &[]);
         let snapshot = self.wait_ready(&metrics, Duration::from_secs(3600));
         let _ = child.kill();
         let _ = child.wait();
-        let (mut child, metrics) = self.service(&url, &t, state.path(), &name);
+        let (mut child, metrics) = self.service(&url, &t, state.path(), &name, &[]);
         let restart = self.wait_ready(&metrics, Duration::from_secs(600));
         let _ = child.kill();
         let _ = child.wait();
@@ -759,15 +934,29 @@ fn main() {
     let mut limit = f64::INFINITY;
     let mut end_to_end = None;
     if total > 0 {
-        limit = limit.min(b.raw_postgres(total));
+        let (copy, insert) = b.raw_postgres(total);
+        limit = limit.min(copy.max(insert));
         limit = limit.min(b.raw_kafka(total));
-        let rate = b.throughput(&load);
+        let rate = b.throughput(&load, "cdc");
         end_to_end = Some(rate);
         b.row(
             "end to end ÷ min(raw Postgres, raw Kafka)",
             format!("{:.2}", rate / limit),
             "target ≥ 0.8",
         );
+        b.row(
+            "end to end (cdc) ÷ raw Postgres COPY",
+            format!("{:.2}", rate / copy),
+            "target ≥ 0.8",
+        );
+        if std::env::var("PF_E2E_REFRESH").map_or(true, |v| v != "0") {
+            let refresh = b.throughput(&load, "refresh");
+            b.row(
+                "end to end, cdc ÷ refresh",
+                format!("{:.2}", rate / refresh),
+                "same load and writer; target ≥ 1",
+            );
+        }
         let peers = std::env::var("PF_E2E_PEERS").unwrap_or_else(|_| "quix,flink".into());
         for (name, slug, target) in [
             ("Quix Streams", "quix", 6.0),

@@ -90,9 +90,10 @@ pub struct Settings {
     /// `cdc` mode: the publication of `subscribers_restaurants`.
     #[serde(deserialize_with = "lenient_string")]
     pub cdc_publication: String,
-    /// `cdc` mode: how often the slot is asked for new changes.
+    /// `cdc` mode: how often the durable position is reported to Postgres
+    /// (and an idle feed's position moved, so that no WAL is kept for it).
     #[serde(with = "humantime_serde")]
-    pub cdc_poll_interval: Duration,
+    pub cdc_status_interval: Duration,
     /// `refresh` mode: how often the table is re-read.
     #[serde(with = "humantime_serde")]
     pub refresh_interval: Duration,
@@ -107,7 +108,8 @@ pub struct Settings {
     /// Batches whose sink writes may be in flight at once; their store
     /// commits still happen one at a time, in order.
     pub pipeline_depth: usize,
-    /// How long a batch waits for more input before it is processed.
+    /// How long a batch waits for more input once nothing more is queued
+    /// (0: not at all; what is queued is always taken, up to `batch-size`).
     #[serde(with = "humantime_serde")]
     pub batch_linger: Duration,
     /// Input values over this many bytes are bad input.
@@ -143,14 +145,14 @@ impl Default for Settings {
             mirror_mode: MirrorMode::Auto,
             cdc_slot: None,
             cdc_publication: "promo_fanout".into(),
-            cdc_poll_interval: Duration::from_millis(50),
+            cdc_status_interval: Duration::from_secs(10),
             refresh_interval: Duration::from_secs(30),
             metrics_addr: "127.0.0.1:9898".parse().expect("valid address"),
             log_format: LogFormat::Text,
             batch_size: 1000,
             chunk_size: 5000,
             pipeline_depth: 3,
-            batch_linger: Duration::from_millis(20),
+            batch_linger: Duration::ZERO,
             max_message_bytes: 256 * 1024,
             sent_retention: Duration::from_secs(24 * 3600),
             position_out_of_range: OutOfRange::Fail,
@@ -202,10 +204,10 @@ pub struct SettingsArgs {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cdc_publication: Option<String>,
-    /// e.g. `50ms`.
+    /// e.g. `10s`.
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cdc_poll_interval: Option<String>,
+    pub cdc_status_interval: Option<String>,
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_interval: Option<String>,
@@ -309,6 +311,14 @@ impl Settings {
                 return Err(SettingsError(format!(
                     "cdc-slot {slot:?}: a slot name is 1 to 63 of a-z, 0-9 and _"
                 )));
+            }
+        }
+        for (name, value) in [
+            ("refresh-interval", self.refresh_interval),
+            ("cdc-status-interval", self.cdc_status_interval),
+        ] {
+            if value.is_zero() {
+                return Err(SettingsError(format!("{name} must be more than 0s")));
             }
         }
         for (name, value) in [

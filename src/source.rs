@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -60,6 +61,10 @@ pub struct Source {
 /// The consumer's default `fetch.wait.max.ms` (librdkafka's is 500).
 const FETCH_WAIT_MAX_MS: &str = "10";
 
+/// The consumer's default `queued.max.messages.kbytes` (librdkafka's is
+/// 65536).
+const QUEUED_MAX_KBYTES: &str = "16384";
+
 impl Source {
     pub fn new(settings: &Settings) -> Result<Source, KafkaError> {
         let mut config = kafka_config(settings);
@@ -86,6 +91,11 @@ impl Source {
         // latency of every action. Overridable with `kafka.fetch.wait.max.ms`.
         if !settings.kafka.contains_key("fetch.wait.max.ms") {
             config.set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
+        }
+        // librdkafka pre-fetches up to 64 MB by default; a batch takes at most
+        // `batch-size` messages, so a smaller queue bounds memory at no cost.
+        if !settings.kafka.contains_key("queued.max.messages.kbytes") {
+            config.set("queued.max.messages.kbytes", QUEUED_MAX_KBYTES);
         }
         // Offsets move only when a batch is durable, by `commit` below.
         config
@@ -203,10 +213,12 @@ impl Source {
         self.consumer.assign(&tpl)
     }
 
-    /// Waits up to `wait` for a first message, then takes what else arrives
-    /// within `linger`, `max` messages at most. Read errors are logged and
-    /// retried; the one error returned is a position that fell out of the
-    /// retained log under `position-out-of-range = fail`.
+    /// Waits up to `wait` for a first message, then takes what else is
+    /// already queued, and what arrives within `linger` once nothing is
+    /// (none by default: an action that arrives alone is processed at once),
+    /// `max` messages at most. Read errors are logged and retried; the one
+    /// error returned is a position that fell out of the retained log under
+    /// `position-out-of-range = fail`.
     pub async fn next_batch(
         &self,
         max: usize,
@@ -214,12 +226,23 @@ impl Source {
         linger: Duration,
     ) -> Result<Vec<InputMessage>, KafkaError> {
         let mut out = Vec::new();
-        let first_deadline = Instant::now() + wait;
-        let mut deadline = first_deadline;
+        let mut deadline = Instant::now() + wait;
         while out.len() < max {
-            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Err(_) => break,
-                Ok(Ok(m)) => {
+            let queued = if out.is_empty() {
+                None
+            } else {
+                self.consumer.recv().now_or_never()
+            };
+            let received = match queued {
+                Some(r) => r,
+                None if !out.is_empty() && linger.is_zero() => break,
+                None => match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                    Err(_) => break,
+                    Ok(r) => r,
+                },
+            };
+            match received {
+                Ok(m) => {
                     if out.is_empty() {
                         deadline = Instant::now() + linger;
                     }
@@ -230,12 +253,12 @@ impl Source {
                         value: m.payload().map(<[u8]>::to_vec),
                     });
                 }
-                Ok(Err(error))
+                Err(error)
                     if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) =>
                 {
                     return Err(error);
                 }
-                Ok(Err(error)) => {
+                Err(error) => {
                     // librdkafka reconnects by itself; report and keep reading.
                     tracing::warn!(%error, "input topic read failed");
                     metrics::counter!("promo_fanout_retries_total", "cause" => "kafka_source")

@@ -48,6 +48,21 @@ fn slot_confirmed(db: &Db) -> String {
         .get(0)
 }
 
+/// Postgres and the push topic hold exactly the `expected` notifications,
+/// each once.
+fn assert_each_notified_once(db: &Db, topics: &Topics, expected: &BTreeSet<(Uuid, Uuid, Uuid)>) {
+    let rows: BTreeSet<_> = db.feedback().into_iter().collect();
+    assert_eq!(&rows, expected);
+    let mut push = Reader::new(&topics.output);
+    push.exactly(
+        expected.len(),
+        WAIT,
+        "each notification once on the push topic",
+    );
+    let on_topic: BTreeSet<_> = triples(&push.seen).into_iter().collect();
+    assert_eq!(&on_topic, expected);
+}
+
 fn lsn(text: &str) -> u64 {
     let (hi, lo) = text.split_once('/').unwrap();
     (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
@@ -250,12 +265,7 @@ fn a_late_subscriber_is_notified_once_and_an_unsubscribed_one_nothing_new() {
     ]
     .into_iter()
     .collect();
-    let rows: BTreeSet<_> = db.feedback().into_iter().collect();
-    assert_eq!(rows, expected);
-    let mut push = Reader::new(&topics.output);
-    push.exactly(7, WAIT, "each notification once on the push topic");
-    let on_topic: BTreeSet<_> = triples(&push.seen).into_iter().collect();
-    assert_eq!(on_topic, expected);
+    assert_each_notified_once(&db, &topics, &expected);
     assert!(service.stop().success());
 }
 
@@ -309,5 +319,243 @@ fn an_idle_table_does_not_pin_wal() {
         .unwrap()
         .to_owned();
     assert!(lsn(&stored) >= lsn(&written), "the store moved first");
+    assert!(service.stop().success());
+}
+
+/// The slot's exported snapshot hands over to its stream exactly. The slot
+/// is lost while the service is down, so the restart loads a large snapshot
+/// through a new slot; a writer adds subscribers of a restaurant whose
+/// campaign has been fanned out all the while. Afterwards both of the
+/// mirror's indexes hold each row of the table once, and every subscriber
+/// (before, during and after the snapshot) is notified once.
+#[test]
+fn the_snapshot_hands_over_to_the_stream_exactly() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let r = Uuid::new_v4();
+    let first = db.new_subscribers(r, 5);
+    let mut service = start_cdc(&db, &topics, state.path());
+    let k = Uuid::new_v4();
+    Producer::new().send_action(&topics.input, &live_action(r, k));
+    wait_for("the campaign's fan-out", WAIT, || {
+        (db.feedback_count() == 5).then_some(())
+    });
+    assert!(service.stop().success());
+
+    let rows = env_or("PF_TEST_SNAPSHOT_ROWS", 300_000);
+    db.client()
+        .execute(
+            "INSERT INTO subscribers_restaurants (restaurant_id, client_id) \
+             SELECT gen_random_uuid(), gen_random_uuid() FROM generate_series(1, $1::int)",
+            &[&(rows as i32)],
+        )
+        .unwrap();
+    let slot = format!("promo_fanout_{}", topics.group);
+    db.client()
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (stop, written, url) = (stop.clone(), written.clone(), db.url().to_owned());
+        std::thread::spawn(move || {
+            let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            let mut clients = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let c = Uuid::new_v4();
+                pg.execute(
+                    "INSERT INTO subscribers_restaurants (client_id, restaurant_id) VALUES ($1, $2)",
+                    &[&c, &r],
+                )
+                .unwrap();
+                clients.push(c);
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+            clients
+        })
+    };
+    let at_least = |n: usize| {
+        wait_for("the writer", WAIT, || {
+            (written.load(Ordering::Relaxed) >= n).then_some(())
+        })
+    };
+    at_least(20);
+    service.restart();
+    let during = written.load(Ordering::Relaxed);
+    at_least(during + 50);
+    stop.store(true, Ordering::Relaxed);
+    let late = writer.join().unwrap();
+    eprintln!(
+        "{} subscribers added, {during} by the time the mirror was ready",
+        late.len()
+    );
+
+    assert_eq!(service.metric("promo_fanout_mirror_resnapshots_total"), 1.0);
+    wait_mirror_equals_table(&db, state.path());
+    assert_eq!(
+        mirror_index(state.path(), "by_restaurant"),
+        db.subscription_rows()
+    );
+    let expected: BTreeSet<_> = first.iter().chain(&late).map(|c| (r, k, *c)).collect();
+    wait_for("every late subscriber's notification", WAIT, || {
+        (db.feedback_count() as usize >= expected.len()).then_some(())
+    });
+    assert_each_notified_once(&db, &topics, &expected);
+    assert!(service.stop().success());
+}
+
+/// A transaction held open while the feed is idle and other tables write
+/// WAL: the slot moves past its changes (nothing of ours is under way, and a
+/// keepalive's position covers only what committed before it), and when it
+/// commits it is applied all the same.
+#[test]
+fn a_transaction_held_open_while_the_slot_moves_is_applied_when_it_commits() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let mut service = Service::start(
+        &db,
+        &topics,
+        state.path(),
+        &["--mirror-mode", "cdc", "--cdc-status-interval", "1s"],
+    );
+    let mut held = db.client();
+    let mut txn = held.transaction().unwrap();
+    let (r, c) = (Uuid::new_v4(), Uuid::new_v4());
+    txn.execute(
+        "INSERT INTO subscribers_restaurants (client_id, restaurant_id) VALUES ($1, $2)",
+        &[&c, &r],
+    )
+    .unwrap();
+    let mut pg = db.client();
+    pg.batch_execute("CREATE TABLE unrelated AS SELECT g AS n FROM generate_series(1, 20000) g")
+        .unwrap();
+    let written: String = pg
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    wait_for("the slot to move past the open transaction", WAIT, || {
+        (lsn(&slot_confirmed(&db)) >= lsn(&written)).then_some(())
+    });
+    let stored = mirror_position(state.path()).unwrap()["lsn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(lsn(&stored) >= lsn(&written), "the store moved first");
+    assert!(mirror_rows(state.path()).is_empty());
+
+    txn.commit().unwrap();
+    wait_mirror_equals_table(&db, state.path());
+    assert_eq!(mirror_rows(state.path()).len(), 1);
+    assert!(service.stop().success());
+}
+
+/// A new `cdc-slot` name: the mirror is loaded through the new slot and the
+/// old one is dropped, so that it does not keep WAL for nobody.
+#[test]
+fn a_renamed_slot_replaces_the_old_one() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    db.new_subscribers(Uuid::new_v4(), 10);
+    let mut service = start_cdc(&db, &topics, state.path());
+    assert!(service.stop().success());
+    assert_eq!(db.slots(), vec![format!("promo_fanout_{}", topics.group)]);
+
+    let renamed = format!("renamed_{}", topics.group);
+    let mut service = Service::start(
+        &db,
+        &topics,
+        state.path(),
+        &["--mirror-mode", "cdc", "--cdc-slot", &renamed],
+    );
+    assert_eq!(db.slots(), vec![renamed]);
+    assert_eq!(service.metric("promo_fanout_mirror_resnapshots_total"), 1.0);
+    wait_mirror_equals_table(&db, state.path());
+    assert!(service.stop().success());
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Rows, the sum of their ids and of their clients' first 32 bits: enough to
+/// tell two copies of a table apart without printing millions of rows.
+type Summary = (i64, i64, i64);
+
+fn table_summary(db: &Db) -> Summary {
+    let row = db
+        .client()
+        .query_one(
+            "SELECT count(*), coalesce(sum(id), 0)::int8, \
+             coalesce(sum(('x' || substr(client_id::text, 1, 8))::bit(32)::int8), 0)::int8 \
+             FROM subscribers_restaurants",
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+fn mirror_summary(state: &std::path::Path) -> Summary {
+    let scratch = tempfile::tempdir().unwrap();
+    let store = promo_fanout_state::Store::open_secondary(state, scratch.path()).unwrap();
+    let mut summary = (0, 0, 0);
+    for row in store.subscription_rows() {
+        let row = row.unwrap();
+        let head = u32::from_be_bytes(row.client_id.as_bytes()[..4].try_into().unwrap());
+        summary.0 += 1;
+        summary.1 += row.row_id;
+        summary.2 += i64::from(head);
+    }
+    summary
+}
+
+/// Peak resident memory of a process, in kB.
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// One transaction of 2,000,000 rows (`PF_TEST_BIG_TXN_ROWS`) while the
+/// service runs: it is applied in parts as it arrives, the mirror equals
+/// the table afterwards, and the service's peak resident memory stays
+/// within 256 MB.
+#[test]
+fn a_huge_transaction_is_applied_in_bounded_memory() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let mut service = start_cdc(&db, &topics, state.path());
+    let before = peak_rss_kb(service.child.id());
+    let rows = env_or("PF_TEST_BIG_TXN_ROWS", 2_000_000);
+    let mut pg = db.client();
+    pg.execute(
+        "INSERT INTO subscribers_restaurants (restaurant_id, client_id) \
+         SELECT gen_random_uuid(), gen_random_uuid() FROM generate_series(1, $1::int)",
+        &[&(rows as i32)],
+    )
+    .unwrap();
+    let table = table_summary(&db);
+    wait_for(
+        "the mirror to equal the table",
+        Duration::from_secs(900),
+        || (mirror_summary(state.path()) == table).then_some(()),
+    );
+    let peak = peak_rss_kb(service.child.id());
+    eprintln!(
+        "{rows} rows in one transaction: the service's peak RSS was {} MB ({} MB before)",
+        peak / 1024,
+        before / 1024
+    );
+    assert!(peak <= 256 * 1024, "peak RSS {peak} kB");
     assert!(service.stop().success());
 }

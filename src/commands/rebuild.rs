@@ -61,6 +61,7 @@ pub async fn rebuild(settings: &Settings) -> anyhow::Result<Report> {
         store.clone(),
         &settings.postgres_url,
         mirror::SyncPlan::refresh(now, false),
+        None,
     )
     .await?;
     report.subscriptions = stats.rows;

@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 pub enum Failure {
     #[error("postgres: {}", postgres_text(.0))]
     Postgres(tokio_postgres::Error),
+    /// The change feed's replication connection.
+    #[error("postgres replication: {0}")]
+    Replication(pgwire_replication::PgWireError),
     #[error("kafka: {0}")]
     Kafka(KafkaError),
     #[error("state store: {0}")]
@@ -43,7 +46,7 @@ impl Failure {
     /// A short label for logs and the retries metric.
     pub fn cause(&self) -> &'static str {
         match self {
-            Failure::Postgres(_) => "postgres",
+            Failure::Postgres(_) | Failure::Replication(_) => "postgres",
             Failure::Kafka(_) | Failure::DlqRefused(_) => "kafka",
             Failure::Store(_) => "state",
             Failure::Feed(_) | Failure::Config(_) => "mirror",
@@ -105,11 +108,31 @@ pub fn classify(error: &Failure) -> Disposition {
                 _ => Disposition::Retry,
             },
         },
+        Failure::Replication(e) => classify_replication(e),
         Failure::DlqRefused(_) => Disposition::Retry,
         // The local disk failing is not an outage that passes; nor is a feed
         // this build cannot read, or a setup mistake.
         Failure::Store(_) | Failure::Feed(_) | Failure::Config(_) => Disposition::Fatal,
     }
+}
+
+/// The replication connection's errors: the server's by the SQLSTATE in
+/// their text; a connection lost is an outage; authentication, TLS and a
+/// stream this build cannot read are not.
+fn classify_replication(error: &pgwire_replication::PgWireError) -> Disposition {
+    match error {
+        pgwire_replication::PgWireError::Server(text) => {
+            sqlstate_in(text).map_or(Disposition::Fatal, classify_sqlstate)
+        }
+        e if e.is_transient() => Disposition::Retry,
+        _ => Disposition::Fatal,
+    }
+}
+
+/// The SQLSTATE a replication server error's text ends with.
+pub fn sqlstate_in(text: &str) -> Option<&str> {
+    let (_, rest) = text.rsplit_once("(SQLSTATE ")?;
+    rest.get(..5)
 }
 
 /// Postgres errors by SQLSTATE (README, "What a failure means").

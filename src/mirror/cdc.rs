@@ -1,57 +1,45 @@
 //! `mirror-mode = cdc`: the mirror kept live from Postgres logical
-//! replication, through a `pgoutput` slot read with the SQL interface
-//! (`pg_logical_slot_peek_binary_changes`, then `pg_replication_slot_advance`
-//! once the changes are durable in the store).
+//! replication, through a `pgoutput` slot of its own. This module owns the
+//! slot's life: created with the snapshot that loads the mirror, resumed,
+//! replaced when lost, dropped when renamed or no longer read; [`stream`]
+//! reads it.
 //!
-//! **Hand-off from snapshot to stream.** The SQL interface cannot export a
-//! snapshot, so the slot is created *before* the snapshot is read: every
-//! transaction the snapshot misses is in the stream, and those it already
-//! holds are replayed on top of it. Replaying is idempotent (rows are put and
-//! deleted by row id, in commit order), and the stream up to the snapshot's
-//! WAL position (`catch_up_until`) notifies no late subscriber, since those
-//! rows were in the snapshot already.
-//!
-//! **Positions.** The end LSN of the last applied transaction is written in
-//! the same synced write batch as the rows it changed; the slot is advanced
-//! to it only after that. On restart, transactions at or below the stored LSN
-//! are skipped, so a crash between the two repeats nothing. An idle table
-//! does not pin WAL: every [`KEEPALIVE`] with nothing to apply, the store and
-//! the slot move to the server's current WAL position.
+//! **Hand-off from snapshot to stream.** The slot is created on a
+//! replication connection that exports its snapshot
+//! (`CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`); the table is read in
+//! that snapshot (`SET TRANSACTION SNAPSHOT`), and the stream starts at the
+//! slot's consistent point. Every transaction is in exactly one of the two:
+//! nothing is replayed on top of the snapshot, and nothing falls between.
 //!
 //! **A missing or invalidated slot** (dropped by hand, or `wal_status = lost`
 //! after `max_slot_wal_keep_size`) cannot be resumed without a gap: the mirror
 //! is re-snapshotted through a new slot, with an error line and
 //! `promo_fanout_mirror_resnapshots_total`.
+//!
+//! [`stream`]: crate::mirror::stream
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use promo_fanout_state::{Commit, MirrorMode, MirrorPosition, Store, StoreError, Subscription};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, TlsConfig};
+use promo_fanout_state::{Commit, MirrorMode, MirrorPosition, Store};
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::config::Settings;
 use crate::infra::health::Health;
 use crate::infra::retry::{backoff, classify, Disposition, Failure};
-use crate::mirror::pgoutput::{self, Message, Tuple, Value};
-use crate::mirror::{self, SyncPlan, SyncStats};
+use crate::mirror::changes::TABLE;
+use crate::mirror::{self, stream, SyncPlan, SyncStats};
 
-/// Changes asked of the slot per poll at most (whole transactions: a larger
-/// one comes whole).
-const MAX_CHANGES: i32 = 20_000;
+/// Events the replication session buffers ahead of the mirror at most.
+const BUFFERED_EVENTS: usize = 1024;
 
-/// With nothing to apply, how often the slot is moved to the current WAL
-/// position anyway, so that other tables' WAL is not kept for it.
-pub const KEEPALIVE: Duration = Duration::from_secs(10);
-
-/// The pause after a peek is at least this many times the peek's duration.
-const PEEK_SHARE: u32 = 4;
-
-/// The source table.
-const TABLE: &str = "subscribers_restaurants";
+/// The largest message the replication session accepts: a row of the
+/// source table is well under a kilobyte, but a publication may hold other
+/// tables.
+const MAX_MESSAGE: usize = 64 << 20;
 
 /// Where the change feed comes from.
 #[derive(Debug, Clone)]
@@ -59,7 +47,9 @@ pub struct FeedConfig {
     pub postgres_url: String,
     pub slot: String,
     pub publication: String,
-    pub poll: Duration,
+    /// How often the durable position is reported to the server, and an
+    /// idle feed's position moved.
+    pub status_interval: Duration,
 }
 
 impl FeedConfig {
@@ -68,8 +58,51 @@ impl FeedConfig {
             postgres_url: settings.postgres_url.clone(),
             slot: settings.cdc_slot(),
             publication: settings.cdc_publication.clone(),
-            poll: settings.cdc_poll_interval,
+            status_interval: settings.cdc_status_interval,
         }
+    }
+
+    /// A replication session on this feed's slot, reading from `start` (and
+    /// reporting it as flushed until told more), from the Postgres URL's
+    /// host, port, user, password, database and `sslmode`.
+    pub fn replication(&self, start: Lsn) -> Result<ReplicationConfig, Failure> {
+        use tokio_postgres::config::{Host, SslMode};
+        let pg: tokio_postgres::Config = self
+            .postgres_url
+            .parse()
+            .map_err(|e| Failure::Config(format!("postgres-url: {e}")))?;
+        let host = match pg.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(dir)) => dir.display().to_string(),
+            None => "localhost".into(),
+        };
+        let user = pg
+            .get_user()
+            .map(str::to_owned)
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "postgres".into());
+        let password = pg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let database = pg.get_dbname().unwrap_or(&user).to_owned();
+        let tls = match pg.get_ssl_mode() {
+            SslMode::Require => TlsConfig::require(),
+            _ => TlsConfig::disabled(),
+        };
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let publication = self.publication.clone();
+        Ok(
+            ReplicationConfig::new(host, user, password, database, &self.slot, publication)
+                .with_port(port)
+                .with_tls(tls)
+                .with_start_lsn(start)
+                .with_status_interval(self.status_interval)
+                .with_wakeup_interval(self.status_interval)
+                .with_buffer_size(BUFFERED_EVENTS)
+                .with_max_message_size(MAX_MESSAGE)
+                .with_application_name(format!("promo-fanout {}", self.slot)),
+        )
     }
 }
 
@@ -184,7 +217,8 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, Failure> {
 
 /// Makes the mirror ready to follow the slot: resumes when the store's
 /// position and the slot agree, else (first start, a switch from `refresh`,
-/// a lost slot) creates the slot and takes a snapshot after it.
+/// a lost or renamed slot) creates the slot and loads the snapshot it
+/// exports.
 pub async fn prepare(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(), Failure> {
     let client = crate::sinks::postgres_connect(&feed.postgres_url)
         .await
@@ -196,7 +230,61 @@ pub async fn prepare(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(
         Start::Fresh => None,
         Start::Resnapshot(reason) => Some(reason),
     };
+    announce(reason, feed);
     let had_mirror = position.as_ref().is_some_and(|p| p.snapshot_complete);
+    let old = position
+        .and_then(|p| p.slot)
+        .filter(|old| *old != feed.slot);
+    for name in old.iter().chain([&feed.slot]) {
+        if let Some(SlotState {
+            active_pid: Some(pid),
+            ..
+        }) = slot_state(&client, name).await?
+        {
+            wait_released(&client, name, pid).await?;
+        }
+        if drop_slot(&client, name).await? && *name != feed.slot {
+            tracing::info!(slot = %name, "dropped the replication slot this mirror used before it was renamed");
+        }
+    }
+    // The snapshot stays valid while the session that exported it is idle.
+    let mut session = ReplicationClient::connect_gated(feed.replication(Lsn::ZERO)?)
+        .await
+        .map_err(Failure::Replication)?;
+    let (start, snapshot) = create_slot(&mut session, &feed.slot).await?;
+    // Until the snapshot is merged, the mirror may not be trusted.
+    let position = |complete| MirrorPosition {
+        mode: MirrorMode::Cdc,
+        snapshot_complete: complete,
+        lsn: Some(start),
+        slot: Some(feed.slot.clone()),
+        catch_up_until: None,
+        synced_at: now,
+    };
+    let mut pending = Commit::new();
+    pending.set_mirror_position(&position(false));
+    store.commit(pending)?;
+    let complete = position(true);
+    let plan = SyncPlan {
+        finish: Box::new(move |_| complete),
+        late_seq: had_mirror.then_some(start),
+    };
+    let started = Instant::now();
+    let SyncStats { rows, .. } =
+        mirror::sync(store, &feed.postgres_url, plan, Some(&snapshot)).await?;
+    drop(session);
+    tracing::info!(
+        rows,
+        seconds = started.elapsed().as_secs_f64(),
+        slot_lsn = %PgLsn::from(start),
+        "snapshot loaded; following the change feed from the slot's consistent point"
+    );
+    Ok(())
+}
+
+/// Says why a snapshot is taken: a first start, or a feed that cannot be
+/// resumed without a gap (`reason`).
+fn announce(reason: Option<&'static str>, feed: &FeedConfig) {
     match reason {
         Some(reason) => {
             tracing::error!(
@@ -207,55 +295,37 @@ pub async fn prepare(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(
             metrics::counter!("promo_fanout_mirror_resnapshots_total", "reason" => reason)
                 .increment(1);
         }
-        None => tracing::info!(slot = %feed.slot, "starting the change feed: slot, then snapshot"),
-    }
-    if let Some(s) = &slot {
-        if let Some(pid) = s.active_pid {
-            wait_released(&client, &feed.slot, pid).await?;
+        None => {
+            tracing::info!(slot = %feed.slot, "starting the change feed: slot and its snapshot")
         }
-        drop_slot(&client, &feed.slot).await?;
     }
-    let start: u64 = client
-        .query_one(
-            "SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&feed.slot],
-        )
+}
+
+/// Creates the slot on a replication session: its consistent point, and the
+/// name of the snapshot it exported (valid while `session` runs no other
+/// command).
+async fn create_slot(
+    session: &mut ReplicationClient,
+    slot: &str,
+) -> Result<(u64, String), Failure> {
+    let rows = session
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'export')"
+        ))
         .await
-        .map_err(Failure::Postgres)?
-        .get::<_, PgLsn>(0)
-        .into();
-    // Until the snapshot is merged, the mirror may not be trusted.
-    let mut pending = Commit::new();
-    pending.set_mirror_position(&MirrorPosition {
-        mode: MirrorMode::Cdc,
-        snapshot_complete: false,
-        lsn: Some(start),
-        slot: Some(feed.slot.clone()),
-        catch_up_until: None,
-        synced_at: now,
-    });
-    store.commit(pending)?;
-    let slot_name = feed.slot.clone();
-    let plan = SyncPlan {
-        finish: Box::new(move |snapshot_lsn| MirrorPosition {
-            mode: MirrorMode::Cdc,
-            snapshot_complete: true,
-            lsn: Some(start),
-            slot: Some(slot_name),
-            catch_up_until: snapshot_lsn,
-            synced_at: now,
-        }),
-        late_seq: had_mirror.then_some(start),
+        .map_err(Failure::Replication)?;
+    // slot_name, consistent_point, snapshot_name, output_plugin
+    let column = |i: usize| {
+        rows.first()
+            .and_then(|r| r.get(i))
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .ok_or_else(|| Failure::Feed(format!("CREATE_REPLICATION_SLOT returned no column {i}")))
     };
-    let started = Instant::now();
-    let SyncStats { rows, .. } = mirror::sync(store, &feed.postgres_url, plan).await?;
-    tracing::info!(
-        rows,
-        seconds = started.elapsed().as_secs_f64(),
-        slot_lsn = %PgLsn::from(start),
-        "snapshot loaded; following the change feed"
-    );
-    Ok(())
+    let point: PgLsn = column(1)?.parse().map_err(|_| {
+        Failure::Feed("CREATE_REPLICATION_SLOT: unreadable consistent point".into())
+    })?;
+    Ok((point.into(), column(2)?))
 }
 
 /// How the change feed starts from what the store and the slot hold.
@@ -276,14 +346,14 @@ fn how_to_start(
     let Some(p) = position.filter(|p| p.mode == MirrorMode::Cdc && p.snapshot_complete) else {
         return Start::Fresh;
     };
+    if p.slot.as_deref() != Some(feed.slot.as_str()) {
+        return Start::Resnapshot("slot renamed");
+    }
     let Some(s) = slot else {
         return Start::Resnapshot("slot missing");
     };
     if s.lost {
         return Start::Resnapshot("slot invalidated");
-    }
-    if p.slot.as_deref() != Some(feed.slot.as_str()) {
-        return Start::Resnapshot("slot renamed");
     }
     match (p.lsn, s.confirmed) {
         (Some(ours), Some(theirs)) if theirs <= ours => {
@@ -320,259 +390,6 @@ async fn wait_released(client: &Client, slot: &str, pid: i32) -> Result<(), Fail
     )))
 }
 
-/// One committed transaction's changes to the source table.
-#[derive(Debug)]
-struct Txn {
-    end_lsn: u64,
-    commit_time: i64,
-    changes: Vec<Change>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Change {
-    Upsert(Subscription),
-    Delete(i64),
-    Truncate,
-}
-
-/// Which columns of the source table hold what.
-#[derive(Debug, Clone, Copy)]
-struct Layout {
-    id: usize,
-    restaurant: usize,
-    client: usize,
-}
-
-/// Reads the feed's messages into transactions of changes to the source
-/// table; other tables' changes (a publication may hold more) are skipped.
-fn assemble(
-    messages: impl IntoIterator<Item = Message>,
-    relations: &mut HashMap<u32, Option<Layout>>,
-) -> Result<Vec<Txn>, Failure> {
-    let mut out = Vec::new();
-    let mut current: Option<Txn> = None;
-    for m in messages {
-        match m {
-            Message::Begin { commit_time, .. } => {
-                current = Some(Txn {
-                    end_lsn: 0,
-                    commit_time,
-                    changes: Vec::new(),
-                })
-            }
-            Message::Relation {
-                oid, name, columns, ..
-            } => {
-                relations.insert(oid, layout(&name, &columns)?);
-            }
-            Message::Commit { end_lsn, .. } => {
-                let mut txn = current
-                    .take()
-                    .ok_or_else(|| Failure::Feed("commit without begin".into()))?;
-                txn.end_lsn = end_lsn;
-                out.push(txn);
-            }
-            Message::Other(_) => {}
-            change => {
-                for c in changes(change, relations)? {
-                    push(&mut current, c)?;
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Where the source table keeps its columns; `None` for another table.
-fn layout(name: &str, columns: &[pgoutput::Column]) -> Result<Option<Layout>, Failure> {
-    if name != TABLE {
-        return Ok(None);
-    }
-    let find = |col: &str| {
-        columns
-            .iter()
-            .position(|c| c.name == col)
-            .ok_or_else(|| Failure::Feed(format!("{TABLE} has no column {col}")))
-    };
-    Ok(Some(Layout {
-        id: find("id")?,
-        restaurant: find("restaurant_id")?,
-        client: find("client_id")?,
-    }))
-}
-
-/// The changes to the source table one row message makes.
-fn changes(
-    message: Message,
-    relations: &HashMap<u32, Option<Layout>>,
-) -> Result<Vec<Change>, Failure> {
-    Ok(match message {
-        Message::Insert { relation, new }
-        | Message::Update {
-            relation,
-            new,
-            old: None,
-        } => match layout_of(relations, relation)? {
-            Some(l) => vec![Change::Upsert(row(&l, &new)?)],
-            None => vec![],
-        },
-        Message::Update {
-            relation,
-            new,
-            old: Some(old),
-        } => match layout_of(relations, relation)? {
-            Some(l) => {
-                let new = row(&l, &new)?;
-                let old_id = row_id(&l, &old)?;
-                let moved = (old_id != new.row_id).then_some(Change::Delete(old_id));
-                moved.into_iter().chain([Change::Upsert(new)]).collect()
-            }
-            None => vec![],
-        },
-        Message::Delete { relation, old } => match layout_of(relations, relation)? {
-            Some(l) => vec![Change::Delete(row_id(&l, &old)?)],
-            None => vec![],
-        },
-        Message::Truncate { relations: rels } => {
-            let mut ours = false;
-            for r in rels {
-                ours |= layout_of(relations, r)?.is_some();
-            }
-            if ours {
-                vec![Change::Truncate]
-            } else {
-                vec![]
-            }
-        }
-        _ => vec![],
-    })
-}
-
-fn push(current: &mut Option<Txn>, change: Change) -> Result<(), Failure> {
-    current
-        .as_mut()
-        .ok_or_else(|| Failure::Feed("change outside a transaction".into()))?
-        .changes
-        .push(change);
-    Ok(())
-}
-
-fn layout_of(
-    relations: &HashMap<u32, Option<Layout>>,
-    oid: u32,
-) -> Result<Option<Layout>, Failure> {
-    relations
-        .get(&oid)
-        .copied()
-        .ok_or_else(|| Failure::Feed(format!("change to relation {oid} before its description")))
-}
-
-fn text<'a>(tuple: &'a Tuple, at: usize, what: &str) -> Result<&'a str, Failure> {
-    match tuple.get(at) {
-        Some(Value::Text(t)) => Ok(t),
-        other => Err(Failure::Feed(format!(
-            "{TABLE}.{what}: expected a value, got {other:?}"
-        ))),
-    }
-}
-
-fn row_id(l: &Layout, tuple: &Tuple) -> Result<i64, Failure> {
-    let t = text(tuple, l.id, "id")?;
-    t.parse()
-        .map_err(|_| Failure::Feed(format!("{TABLE}.id: {t:?} is not an integer")))
-}
-
-fn row(l: &Layout, tuple: &Tuple) -> Result<Subscription, Failure> {
-    let uuid = |at: usize, what: &str| -> Result<Uuid, Failure> {
-        let t = text(tuple, at, what)?;
-        Uuid::parse_str(t)
-            .map_err(|_| Failure::Feed(format!("{TABLE}.{what}: {t:?} is not a uuid")))
-    };
-    Ok(Subscription {
-        row_id: row_id(l, tuple)?,
-        restaurant_id: uuid(l.restaurant, "restaurant_id")?,
-        client_id: uuid(l.client, "client_id")?,
-    })
-}
-
-/// Applies transactions to the mirror as one commit, with the new position.
-/// Reads the store for rows the batch has not touched yet. Transactions at
-/// or below the stored LSN were applied before a crash: skipped.
-fn apply(
-    store: &Store,
-    txns: &[Txn],
-    position: &MirrorPosition,
-) -> Result<(Commit, MirrorPosition), StoreError> {
-    let mut commit = Commit::new();
-    let mut touched: HashMap<i64, Option<(Uuid, Uuid)>> = HashMap::new();
-    let mut truncated = false;
-    // A row as this batch leaves it so far: its own changes first, then (but
-    // not after a truncate) the store.
-    let current = |touched: &HashMap<i64, Option<(Uuid, Uuid)>>,
-                   truncated: bool,
-                   row: i64|
-     -> Result<Option<(Uuid, Uuid)>, StoreError> {
-        match touched.get(&row) {
-            Some(v) => Ok(*v),
-            None if truncated => Ok(None),
-            None => Ok(store
-                .subscription_row(row)?
-                .map(|s| (s.restaurant_id, s.client_id))),
-        }
-    };
-    let mut next = position.clone();
-    for txn in txns {
-        if position.lsn.is_some_and(|done| txn.end_lsn <= done) {
-            continue;
-        }
-        let late = position
-            .catch_up_until
-            .is_none_or(|until| txn.end_lsn > until);
-        for change in &txn.changes {
-            match change {
-                Change::Upsert(new) => {
-                    let old = current(&touched, truncated, new.row_id)?;
-                    if old == Some((new.restaurant_id, new.client_id)) {
-                        continue;
-                    }
-                    if let Some((r, c)) = old {
-                        commit.delete_subscription(&Subscription {
-                            row_id: new.row_id,
-                            restaurant_id: r,
-                            client_id: c,
-                        });
-                    }
-                    commit.put_subscription(new);
-                    if late {
-                        commit.mark_late(new.restaurant_id, new.client_id, txn.end_lsn);
-                    }
-                    touched.insert(new.row_id, Some((new.restaurant_id, new.client_id)));
-                }
-                Change::Delete(id) => {
-                    let old = current(&touched, truncated, *id)?;
-                    if let Some((r, c)) = old {
-                        commit.delete_subscription(&Subscription {
-                            row_id: *id,
-                            restaurant_id: r,
-                            client_id: c,
-                        });
-                    }
-                    touched.insert(*id, None);
-                }
-                Change::Truncate => {
-                    commit.clear_subscriptions();
-                    touched.clear();
-                    truncated = true;
-                }
-            }
-        }
-        next.lsn = Some(txn.end_lsn);
-    }
-    next.synced_at = crate::infra::clock::now();
-    commit.set_mirror_position(&next);
-    Ok((commit, next))
-}
-
 /// Follows the slot until shutdown. Outages are waited out with backoff; a
 /// lost slot is re-snapshotted; anything else stops the service (returned).
 pub async fn follow(
@@ -583,19 +400,7 @@ pub async fn follow(
 ) -> Result<(), Failure> {
     let mut delays = backoff();
     loop {
-        let result = stream(&store, &feed, &health, &shutdown).await;
-        // The feed polls Postgres all the time: while it fails, the service
-        // is not ready even when no batch is being written.
-        if let Err(Failure::Postgres(e)) = &result {
-            // Unreachable, not merely busy (a slot still held by a killed
-            // predecessor's backend is waited for without going unready).
-            let unreachable = e
-                .code()
-                .is_none_or(|c| matches!(&c.code()[..2], "08" | "57" | "53"));
-            if unreachable {
-                health.change_feed.set_ok(false);
-            }
-        }
+        let result = stream::follow_slot(&store, &feed, &health, &shutdown).await;
         if shutdown.is_cancelled() {
             return Ok(());
         }
@@ -603,6 +408,13 @@ pub async fn follow(
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
+        // The feed talks to Postgres all the time: while it cannot, the
+        // service is not ready even when no batch is being written. (A slot
+        // still held by a killed predecessor's backend is waited for
+        // without going unready.)
+        if unreachable(&error) {
+            health.change_feed.set_ok(false);
+        }
         if slot_gone(&error) {
             tracing::error!(%error, slot = %feed.slot, "replication slot lost while following it");
             let now = crate::infra::clock::now();
@@ -628,356 +440,37 @@ pub async fn follow(
     }
 }
 
+/// The server's message and SQLSTATE, from either kind of connection.
+fn server_error(error: &Failure) -> Option<(String, Option<String>)> {
+    match error {
+        Failure::Postgres(e) => e
+            .as_db_error()
+            .map(|db| (db.message().to_owned(), Some(db.code().code().to_owned()))),
+        Failure::Replication(pgwire_replication::PgWireError::Server(text)) => Some((
+            text.clone(),
+            crate::infra::retry::sqlstate_in(text).map(str::to_owned),
+        )),
+        _ => None,
+    }
+}
+
+/// Postgres cannot be reached, as opposed to refusing something.
+fn unreachable(error: &Failure) -> bool {
+    let connection_class = |code: &str| matches!(code.get(..2), Some("08" | "57" | "53"));
+    match (error, server_error(error)) {
+        (_, Some((_, code))) => code.as_deref().is_none_or(connection_class),
+        (Failure::Postgres(_), None) => true,
+        (Failure::Replication(e), None) => e.is_io(),
+        _ => false,
+    }
+}
+
 /// The slot was dropped or invalidated under us.
 fn slot_gone(error: &Failure) -> bool {
-    let Failure::Postgres(e) = error else {
+    let Some((msg, _)) = server_error(error) else {
         return false;
     };
-    let Some(db) = e.as_db_error() else {
-        return false;
-    };
-    let msg = db.message();
     (msg.contains("replication slot") && msg.contains("does not exist"))
         || msg.contains("can no longer get changes from replication slot")
         || msg.contains("This slot has been invalidated")
-}
-
-async fn stream(
-    store: &Arc<Store>,
-    feed: &FeedConfig,
-    health: &Health,
-    shutdown: &CancellationToken,
-) -> Result<(), Failure> {
-    let mut reader = Reader::open(store, feed).await?;
-    loop {
-        let (full, peek_took) = reader.step(health).await?;
-        if !full {
-            // Each peek decodes all the database's WAL since the slot's
-            // restart point, the feedback rows included, and forgets what
-            // is not ours; under a heavy write load that is the main cost.
-            // Pausing at least PEEK_SHARE times the peek's duration keeps
-            // it to a bounded share of a core, at some freshness.
-            let pause = feed.poll.max(peek_took * PEEK_SHARE);
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = shutdown.cancelled() => return Ok(()),
-            }
-        }
-    }
-}
-
-/// The slot being read: what of it the store holds, and the relations seen.
-struct Reader<'a> {
-    store: &'a Arc<Store>,
-    feed: &'a FeedConfig,
-    client: Client,
-    position: MirrorPosition,
-    relations: HashMap<u32, Option<Layout>>,
-    idle_since: Instant,
-}
-
-impl<'a> Reader<'a> {
-    async fn open(store: &'a Arc<Store>, feed: &'a FeedConfig) -> Result<Reader<'a>, Failure> {
-        let client = crate::sinks::postgres_connect(&feed.postgres_url)
-            .await
-            .map_err(Failure::Postgres)?;
-        let position = store
-            .mirror_position()?
-            .filter(|p| p.mode == MirrorMode::Cdc && p.snapshot_complete)
-            .ok_or_else(|| Failure::Feed("the change feed started before its snapshot".into()))?;
-        // Catch the slot up with a store that committed before a crash.
-        if let (Some(done), Some(state)) = (position.lsn, slot_state(&client, &feed.slot).await?) {
-            if state.confirmed.is_some_and(|c| c < done) {
-                advance(&client, &feed.slot, done).await?;
-            }
-        }
-        Ok(Reader {
-            store,
-            feed,
-            client,
-            position,
-            relations: HashMap::new(),
-            idle_since: Instant::now(),
-        })
-    }
-
-    /// One peek at the slot, applied: returns whether it was full (more
-    /// waits) and how long the peek took.
-    async fn step(&mut self, health: &Health) -> Result<(bool, Duration), Failure> {
-        let pg = Failure::Postgres;
-        let before: u64 = self
-            .client
-            .query_one("SELECT pg_current_wal_lsn()", &[])
-            .await
-            .map_err(pg)?
-            .get::<_, PgLsn>(0)
-            .into();
-        let peek_started = Instant::now();
-        let rows = self
-            .client
-            .query(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
-                 'proto_version', '1', 'publication_names', $3)",
-                &[&self.feed.slot, &MAX_CHANGES, &self.feed.publication],
-            )
-            .await
-            .map_err(pg)?;
-        let peek_took = peek_started.elapsed();
-        health.change_feed.set_ok(true);
-        let full = rows.len() as i32 >= MAX_CHANGES;
-        let mut messages = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let data: &[u8] = r.get(0);
-            messages.push(pgoutput::parse(data).map_err(|e| Failure::Feed(e.to_string()))?);
-        }
-        let mut txns = assemble(messages, &mut self.relations)?;
-        let read = txns.len();
-        // Transactions at or below the stored LSN were applied before a crash.
-        txns.retain(|t| self.position.lsn.is_none_or(|done| t.end_lsn > done));
-        if !txns.is_empty() {
-            self.apply(txns).await?;
-        } else if read > 0 {
-            // Only transactions applied before a crash: confirm them.
-            if let Some(lsn) = self.position.lsn {
-                advance(&self.client, &self.feed.slot, lsn).await?;
-            }
-        } else if self.idle_since.elapsed() >= KEEPALIVE
-            && self.position.lsn.is_some_and(|l| before > l)
-        {
-            self.skip_to(before).await?;
-        }
-        if let Some(lsn) = self.position.lsn {
-            metrics::gauge!("promo_fanout_mirror_lag_bytes").set(before.saturating_sub(lsn) as f64);
-        }
-        Ok((full, peek_took))
-    }
-
-    /// Applies transactions to the store, then confirms them to the slot.
-    async fn apply(&mut self, txns: Vec<Txn>) -> Result<(), Failure> {
-        let fresh = txns.len();
-        let store = self.store.clone();
-        let done = self.position.clone();
-        self.position = tokio::task::spawn_blocking(move || {
-            let (commit, next) = apply(&store, &txns, &done)?;
-            store.commit(commit)?;
-            // Commit in Postgres to durable in the mirror.
-            let now = crate::infra::clock::now_f64();
-            for t in &txns {
-                metrics::histogram!("promo_fanout_mirror_freshness_seconds")
-                    .record((now - pgoutput::unix_seconds(t.commit_time)).max(0.0));
-            }
-            Ok::<_, StoreError>(next)
-        })
-        .await
-        .expect("the mirror apply does not panic")?;
-        crate::failpoint!("cdc-after-apply");
-        metrics::counter!("promo_fanout_mirror_transactions_total").increment(fresh as u64);
-        if let Some(lsn) = self.position.lsn {
-            advance(&self.client, &self.feed.slot, lsn).await?;
-        }
-        self.idle_since = Instant::now();
-        Ok(())
-    }
-
-    /// Nothing of ours up to `lsn` (read before the peek): moves the store,
-    /// then the slot, so no WAL is kept for us.
-    async fn skip_to(&mut self, lsn: u64) -> Result<(), Failure> {
-        let mut next = self.position.clone();
-        next.lsn = Some(lsn);
-        next.synced_at = crate::infra::clock::now();
-        let mut commit = Commit::new();
-        commit.set_mirror_position(&next);
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.commit(commit))
-            .await
-            .expect("the store commit does not panic")?;
-        self.position = next;
-        advance(&self.client, &self.feed.slot, lsn).await?;
-        self.idle_since = Instant::now();
-        Ok(())
-    }
-}
-
-async fn advance(client: &Client, slot: &str, lsn: u64) -> Result<(), Failure> {
-    client
-        .execute(
-            "SELECT pg_replication_slot_advance($1, $2)",
-            &[&slot, &PgLsn::from(lsn)],
-        )
-        .await
-        .map_err(Failure::Postgres)?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::mirror::pgoutput::Column;
-
-    fn rel() -> Message {
-        Message::Relation {
-            oid: 1,
-            namespace: "public".into(),
-            name: TABLE.into(),
-            columns: ["id", "client_id", "restaurant_id"]
-                .iter()
-                .map(|n| Column {
-                    name: n.to_string(),
-                    type_oid: 0,
-                })
-                .collect(),
-        }
-    }
-
-    fn t(id: i64, c: u128, r: u128) -> Tuple {
-        vec![
-            Value::Text(id.to_string()),
-            Value::Text(Uuid::from_u128(c).to_string()),
-            Value::Text(Uuid::from_u128(r).to_string()),
-        ]
-    }
-
-    fn txn(end: u64, body: Vec<Message>) -> Vec<Message> {
-        let mut v = vec![Message::Begin {
-            final_lsn: end,
-            commit_time: 0,
-            xid: 1,
-        }];
-        v.extend(body);
-        v.push(Message::Commit {
-            commit_lsn: end,
-            end_lsn: end,
-            commit_time: 0,
-        });
-        v
-    }
-
-    #[test]
-    fn changes_of_the_source_table_are_assembled_in_order() {
-        let mut msgs = vec![rel()];
-        msgs.push(Message::Relation {
-            oid: 2,
-            namespace: "public".into(),
-            name: "other".into(),
-            columns: vec![],
-        });
-        msgs.extend(txn(
-            10,
-            vec![
-                Message::Insert {
-                    relation: 1,
-                    new: t(1, 5, 6),
-                },
-                Message::Insert {
-                    relation: 2,
-                    new: vec![],
-                },
-                Message::Update {
-                    relation: 1,
-                    old: Some(t(1, 0, 0)),
-                    new: t(2, 5, 7),
-                },
-                Message::Delete {
-                    relation: 1,
-                    old: t(2, 0, 0),
-                },
-                Message::Truncate {
-                    relations: vec![2, 1],
-                },
-            ],
-        ));
-        let mut relations = HashMap::new();
-        let txns = assemble(msgs, &mut relations).unwrap();
-        assert_eq!(txns.len(), 1);
-        assert_eq!(txns[0].end_lsn, 10);
-        let sub = |id, c, r| Subscription {
-            row_id: id,
-            restaurant_id: Uuid::from_u128(r),
-            client_id: Uuid::from_u128(c),
-        };
-        assert_eq!(
-            txns[0].changes,
-            vec![
-                Change::Upsert(sub(1, 5, 6)),
-                Change::Delete(1),
-                Change::Upsert(sub(2, 5, 7)),
-                Change::Delete(2),
-                Change::Truncate,
-            ]
-        );
-    }
-
-    #[test]
-    fn a_change_before_its_relation_is_an_error() {
-        let msgs = txn(
-            5,
-            vec![Message::Insert {
-                relation: 9,
-                new: vec![],
-            }],
-        );
-        assert!(assemble(msgs, &mut HashMap::new()).is_err());
-    }
-
-    #[test]
-    fn replays_are_idempotent_and_catch_up_notifies_nobody() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            dir.path(),
-            &promo_fanout_state::Identity {
-                group_id: "g".into(),
-                input_topic: "t".into(),
-            },
-        )
-        .unwrap();
-        let up = |id, c, r| {
-            Change::Upsert(Subscription {
-                row_id: id,
-                restaurant_id: Uuid::from_u128(r),
-                client_id: Uuid::from_u128(c),
-            })
-        };
-        let txns = vec![
-            Txn {
-                end_lsn: 10,
-                commit_time: 0,
-                changes: vec![up(1, 1, 9), up(2, 2, 9)],
-            },
-            Txn {
-                end_lsn: 20,
-                commit_time: 0,
-                changes: vec![Change::Delete(1), up(3, 3, 9)],
-            },
-        ];
-        let start = MirrorPosition {
-            mode: MirrorMode::Cdc,
-            snapshot_complete: true,
-            lsn: Some(5),
-            slot: Some("s".into()),
-            catch_up_until: Some(15),
-            synced_at: 0,
-        };
-        let (commit, next) = apply(&store, &txns, &start).unwrap();
-        store.commit(commit).unwrap();
-        assert_eq!(next.lsn, Some(20));
-        let rows: Vec<i64> = store
-            .subscription_rows()
-            .map(|s| s.unwrap().row_id)
-            .collect();
-        assert_eq!(rows, vec![2, 3]);
-        // Only the transaction past the snapshot marks a late subscriber.
-        let late = store.late_subscribers(10).unwrap();
-        assert_eq!(late, vec![(Uuid::from_u128(9), Uuid::from_u128(3), 20)]);
-
-        // The same feed again, as after a crash before the slot moved.
-        let (commit, again) = apply(&store, &txns, &next).unwrap();
-        store.commit(commit).unwrap();
-        assert_eq!(again.lsn, Some(20));
-        let rows: Vec<i64> = store
-            .subscription_rows()
-            .map(|s| s.unwrap().row_id)
-            .collect();
-        assert_eq!(rows, vec![2, 3]);
-        assert_eq!(store.late_subscribers(10).unwrap().len(), 1);
-    }
 }

@@ -1,6 +1,7 @@
 //! The subscription mirror: `subscribers_restaurants` copied into the state
-//! store by a consistent snapshot, then kept current by re-reading the table
-//! and applying only the difference.
+//! store by a consistent snapshot, then kept current by the change feed
+//! (`cdc`, [`cdc`] and [`stream`]) or by re-reading the table and applying
+//! only the difference (`refresh`).
 //!
 //! The snapshot and each re-read are the same operation: a merge of the table
 //! (read in one REPEATABLE READ transaction, by id) against the mirror's row
@@ -10,8 +11,10 @@
 //! fans out from it.
 
 pub mod cdc;
+pub mod changes;
 pub mod pgoutput;
 pub mod refresh;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -186,7 +189,7 @@ async fn snapshot_if_missing(
     // `sync` succeeds only once the whole table has been merged.
     let snapshot = || async {
         let plan = SyncPlan::refresh(clock::now(), false);
-        let stats = sync(store.clone(), &settings.postgres_url, plan).await?;
+        let stats = sync(store.clone(), &settings.postgres_url, plan, None).await?;
         tracing::info!(rows = stats.rows, "mirror snapshot loaded");
         Ok(())
     };
@@ -240,11 +243,13 @@ enum Feed {
     End(Option<u64>),
 }
 
-/// Reads the whole table consistently and brings the mirror to it.
+/// Reads the whole table consistently (in `snapshot`, one a replication
+/// slot exported, if given) and brings the mirror to it.
 pub async fn sync(
     store: Arc<Store>,
     postgres_url: &str,
     plan: SyncPlan,
+    snapshot: Option<&str>,
 ) -> Result<SyncStats, Failure> {
     let mut client = crate::sinks::postgres_connect(postgres_url)
         .await
@@ -259,7 +264,12 @@ pub async fn sync(
             .read_only(true)
             .start()
             .await?;
-        // The first statement takes the snapshot; the WAL position read in
+        if let Some(name) = snapshot {
+            let name = name.replace('\'', "''");
+            txn.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{name}'"))
+                .await?;
+        }
+        // The first statement takes the snapshot (unless one was set); the WAL position read in
         // it is at or after every commit the snapshot sees.
         let lsn: Option<PgLsn> = txn
             .query_one(

@@ -1,6 +1,6 @@
 //! The messages of Postgres's `pgoutput` logical decoding plugin, protocol
-//! version 1, as `pg_logical_slot_peek_binary_changes` returns them: one
-//! message per row. Only what the mirror needs is kept.
+//! version 1, as the replication stream carries them (one `XLogData` each):
+//! one message per row. Only what the mirror needs is kept.
 //!
 //! <https://www.postgresql.org/docs/15/protocol-logicalrep-message-formats.html>
 

@@ -26,7 +26,7 @@ pub async fn refresh_loop(
         }
         let started = std::time::Instant::now();
         let plan = SyncPlan::refresh(crate::infra::clock::now(), true);
-        match sync(store.clone(), &postgres_url, plan).await {
+        match sync(store.clone(), &postgres_url, plan, None).await {
             Ok(stats) => {
                 metrics::histogram!("promo_fanout_mirror_sync_seconds")
                     .record(started.elapsed().as_secs_f64());

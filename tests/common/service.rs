@@ -261,9 +261,15 @@ pub fn run_cli(args: &[String]) -> (Option<i32>, String) {
 
 /// The mirror in a state dump, as (row id, restaurant, client) by row id.
 pub fn mirror_rows(state_dir: &Path) -> Vec<(i64, Uuid, Uuid)> {
-    dump(state_dir, Some("subscriptions"))
+    mirror_index(state_dir, "by_row")
+}
+
+/// One of the mirror's indexes in a state dump (`by_row`, `by_restaurant`),
+/// as (row id, restaurant, client) sorted by row id.
+pub fn mirror_index(state_dir: &Path, kind: &str) -> Vec<(i64, Uuid, Uuid)> {
+    let mut rows: Vec<(i64, Uuid, Uuid)> = dump(state_dir, Some("subscriptions"))
         .iter()
-        .filter(|e| e["kind"] == "by_row")
+        .filter(|e| e["kind"] == kind)
         .map(|e| {
             (
                 e["row_id"].as_i64().unwrap(),
@@ -271,7 +277,9 @@ pub fn mirror_rows(state_dir: &Path) -> Vec<(i64, Uuid, Uuid)> {
                 e["client_id"].as_str().unwrap().parse().unwrap(),
             )
         })
-        .collect()
+        .collect();
+    rows.sort();
+    rows
 }
 
 /// The mirror position in a state dump.
