@@ -94,6 +94,14 @@ pub struct Settings {
     /// (and an idle feed's position moved, so that no WAL is kept for it).
     #[serde(with = "humantime_serde")]
     pub cdc_status_interval: Duration,
+    /// No longer used (the change feed is pushed, not polled): accepted so
+    /// that older configuration files still load, with a warning at start.
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cdc_poll_interval: Option<Duration>,
     /// `refresh` mode: how often the table is re-read.
     #[serde(with = "humantime_serde")]
     pub refresh_interval: Duration,
@@ -146,6 +154,7 @@ impl Default for Settings {
             cdc_slot: None,
             cdc_publication: "promo_fanout".into(),
             cdc_status_interval: Duration::from_secs(10),
+            cdc_poll_interval: None,
             refresh_interval: Duration::from_secs(30),
             metrics_addr: "127.0.0.1:9898".parse().expect("valid address"),
             log_format: LogFormat::Text,
@@ -267,6 +276,10 @@ fn properties_as_map<S: serde::Serializer>(
     s.collect_map(props.iter().map(|(k, v)| (k, v)))
 }
 
+/// The longest `cdc-status-interval`: half of Postgres's default
+/// `wal_sender_timeout`.
+const MAX_STATUS_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Resolution failed: the message says which setting and where it came from.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid settings: {0}")]
@@ -321,6 +334,13 @@ impl Settings {
                 return Err(SettingsError(format!("{name} must be more than 0s")));
             }
         }
+        if self.cdc_status_interval > MAX_STATUS_INTERVAL {
+            return Err(SettingsError(format!(
+                "cdc-status-interval {:?}: at most {MAX_STATUS_INTERVAL:?}, half of Postgres's default \
+                 wal_sender_timeout, or the server may drop the change feed as unresponsive",
+                self.cdc_status_interval
+            )));
+        }
         for (name, value) in [
             ("batch-size", self.batch_size),
             ("chunk-size", self.chunk_size),
@@ -348,6 +368,19 @@ impl Settings {
             .ignore(&["config", "failpoints"])
             .map(|key| env_key(key.as_str()).into());
         Ok(figment.merge(env).merge(Serialized::defaults(args.clone())))
+    }
+
+    /// Settings that are accepted but no longer do anything, each with what
+    /// to do instead: logged at start.
+    pub fn deprecations(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.cdc_poll_interval.is_some() {
+            out.push(
+                "cdc-poll-interval is no longer used (the change feed is pushed by the server); \
+                 remove it (cdc-status-interval sets how often the position is reported)",
+            );
+        }
+        out
     }
 
     /// The Postgres URL with any password masked, for logs.

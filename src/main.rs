@@ -74,6 +74,9 @@ fn main() -> ExitCode {
         "info,rdkafka=warn"
     };
     promo_fanout::infra::process::init_logging(settings.log_format, default_level);
+    for deprecated in settings.deprecations() {
+        tracing::warn!("{deprecated}");
+    }
     if let Err(e) = promo_fanout::infra::failpoint::setup() {
         eprintln!("promo-fanout: {e}");
         return ExitCode::from(2);

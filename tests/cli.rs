@@ -171,6 +171,35 @@ fn an_unreachable_database_stops_the_start_with_one_line() {
     );
 }
 
+/// `cdc-poll-interval`, from before the change feed was pushed, still loads
+/// (with a warning saying what to do); a status interval the server would
+/// time out is refused.
+#[test]
+fn an_old_setting_is_accepted_with_a_warning_and_a_too_long_status_interval_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let args = [
+        "run",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--postgres-url",
+        "postgres://postgres@127.0.0.1:1/postgres",
+        "--startup-timeout",
+        "1s",
+    ];
+    let o = run(&args, &[("PROMO_FANOUT_CDC_POLL_INTERVAL", "50ms")]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cdc-poll-interval is no longer used"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["run", "--cdc-status-interval", "45s"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cdc-status-interval"), "{}", stderr(&o));
+}
+
 #[test]
 fn an_unreachable_broker_stops_the_start_with_one_line() {
     let db = common::Db::migrated();

@@ -320,6 +320,57 @@ fn crash_after_a_refused_campaign_is_dead_lettered() {
     assert!(service.stop().success());
 }
 
+/// The process dies after the first part of a transaction too large to
+/// apply at once is in the mirror (written before the transaction's end
+/// LSN). After the restart the whole transaction is applied once: the mirror
+/// equals the table, and each of its subscribers, late for a live campaign,
+/// is notified exactly once in Postgres.
+#[test]
+fn crash_between_the_parts_of_a_large_transaction() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let r = Uuid::new_v4();
+    db.new_subscribers(r, 3);
+    let mut service = Service::start(&db, &topics, state.path(), &["--mirror-mode", "cdc"]);
+    let k = Uuid::new_v4();
+    Producer::new().send_action(&topics.input, &live_action(r, k));
+    wait_for("the campaign's fan-out", WAIT, || {
+        (db.feedback_count() == 3).then_some(())
+    });
+    assert!(service.stop().success());
+
+    service.restart_with_env(&[("PROMO_FANOUT_FAILPOINTS", "cdc-after-apply=return")]);
+    db.client()
+        .execute(
+            "INSERT INTO subscribers_restaurants (client_id, restaurant_id) \
+             SELECT gen_random_uuid(), $1 FROM generate_series(1, 12000)",
+            &[&r],
+        )
+        .unwrap();
+    assert!(
+        !service.wait_exit(WAIT).success(),
+        "died after the first part"
+    );
+    let mirrored = mirror_rows(state.path()).len();
+    assert!(
+        mirrored > 3 && mirrored < 12_003,
+        "a part of the transaction is in the mirror: {mirrored} rows"
+    );
+
+    service.restart_with_env(&[]);
+    assert_eq!(service.metric("promo_fanout_mirror_snapshots_total"), 0.0);
+    let expected: BTreeSet<_> = db
+        .subscription_rows()
+        .into_iter()
+        .map(|(_, r, c)| (r, k, c))
+        .collect();
+    assert_eq!(expected.len(), 12_003);
+    check_recovered(&db, &topics, state.path(), &expected, 1);
+    assert_eq!(mirror_rows(state.path()), db.subscription_rows());
+    assert!(service.stop().success());
+}
+
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()

@@ -125,6 +125,10 @@ fn classify_replication(error: &pgwire_replication::PgWireError) -> Disposition 
             sqlstate_in(text).map_or(Disposition::Fatal, classify_sqlstate)
         }
         e if e.is_transient() => Disposition::Retry,
+        // The session ended and its worker's error was already taken (a
+        // receive cancelled just as it ended): a new session meets the cause
+        // again, and is judged by it.
+        pgwire_replication::PgWireError::Internal(_) => Disposition::Retry,
         _ => Disposition::Fatal,
     }
 }

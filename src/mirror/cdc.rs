@@ -6,7 +6,7 @@
 //!
 //! **Hand-off from snapshot to stream.** The slot is created on a
 //! replication connection that exports its snapshot
-//! (`CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`); the table is read in
+//! (`CREATE_REPLICATION_SLOT … EXPORT_SNAPSHOT`); the table is read in
 //! that snapshot (`SET TRANSACTION SNAPSHOT`), and the stream starts at the
 //! slot's consistent point. Every transaction is in exactly one of the two:
 //! nothing is replayed on top of the snapshot, and nothing falls between.
@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::infra::health::Health;
-use crate::infra::retry::{backoff, classify, Disposition, Failure};
+use crate::infra::retry::{backoff, classify, until_done, Disposition, Failure, Stopped};
 use crate::mirror::changes::TABLE;
 use crate::mirror::{self, stream, SyncPlan, SyncStats};
 
@@ -170,7 +170,36 @@ pub async fn missing(client: &Client, feed: &FeedConfig) -> Result<Vec<String>, 
             "no free replication slot (max_replication_slots = {max}, all in use)"
         ));
     }
+    if let Some(refused) = probe_replication(feed).await? {
+        out.push(refused);
+    }
     Ok(out)
+}
+
+/// Opens a replication connection as the feed will: `Some` with the
+/// server's refusal and its fix (no free walsender, a role or `pg_hba.conf`
+/// that does not allow it), `Err` only for an outage.
+async fn probe_replication(feed: &FeedConfig) -> Result<Option<String>, Failure> {
+    let probe = async {
+        let mut session = ReplicationClient::connect_gated(feed.replication(Lsn::ZERO)?)
+            .await
+            .map_err(Failure::Replication)?;
+        session
+            .identify_system()
+            .await
+            .map_err(Failure::Replication)
+    };
+    match tokio::time::timeout(Duration::from_secs(30), probe).await {
+        Err(_) => Err(Failure::Feed(
+            "a replication connection got no answer in 30 s".into(),
+        )),
+        Ok(Ok(_)) => Ok(None),
+        Ok(Err(Failure::Replication(e))) if e.is_io() => Err(Failure::Replication(e)),
+        Ok(Err(e)) => Ok(Some(format!(
+            "a replication connection (replication=database) is refused: {e} \
+             (check max_wal_senders, the role's REPLICATION attribute and pg_hba.conf)"
+        ))),
+    }
 }
 
 /// The slot as the server sees it.
@@ -198,15 +227,11 @@ async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, Fa
 }
 
 /// Drops this pipeline's slot if there is one, e.g. when the service runs in
-/// `refresh` mode and the slot would only pin WAL.
+/// `refresh` mode and the slot would only pin WAL. A slot another session
+/// holds cannot be dropped: the server's error says so.
 pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, Failure> {
-    let Some(state) = slot_state(client, slot).await? else {
+    if slot_state(client, slot).await?.is_none() {
         return Ok(false);
-    };
-    if let Some(pid) = state.active_pid {
-        // Another process is reading it: not ours to drop. The caller's
-        // retry or error says so.
-        tracing::warn!(slot, pid, "replication slot in use by another process");
     }
     client
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
@@ -217,7 +242,7 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, Failure> {
 
 /// Makes the mirror ready to follow the slot: resumes when the store's
 /// position and the slot agree, else (first start, a switch from `refresh`,
-/// a lost or renamed slot) creates the slot and loads the snapshot it
+/// a lost or renamed slot) replaces the slot and loads the snapshot it
 /// exports.
 pub async fn prepare(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(), Failure> {
     let client = crate::sinks::postgres_connect(&feed.postgres_url)
@@ -231,27 +256,44 @@ pub async fn prepare(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(
         Start::Resnapshot(reason) => Some(reason),
     };
     announce(reason, feed);
-    let had_mirror = position.as_ref().is_some_and(|p| p.snapshot_complete);
     let old = position
         .and_then(|p| p.slot)
         .filter(|old| *old != feed.slot);
     for name in old.iter().chain([&feed.slot]) {
-        if let Some(SlotState {
-            active_pid: Some(pid),
-            ..
-        }) = slot_state(&client, name).await?
-        {
-            wait_released(&client, name, pid).await?;
-        }
-        if drop_slot(&client, name).await? && *name != feed.slot {
-            tracing::info!(slot = %name, "dropped the replication slot this mirror used before it was renamed");
-        }
+        release_and_drop(&client, name, *name != feed.slot).await?;
     }
+    snapshot(store, feed, now).await
+}
+
+/// Drops a slot once no session holds it (a killed predecessor's backend may
+/// still be letting it go).
+async fn release_and_drop(client: &Client, name: &str, renamed: bool) -> Result<(), Failure> {
+    if let Some(SlotState {
+        active_pid: Some(pid),
+        ..
+    }) = slot_state(client, name).await?
+    {
+        wait_released(client, name, pid).await?;
+    }
+    if drop_slot(client, name).await? && renamed {
+        tracing::info!(slot = %name, "dropped the replication slot this mirror used before it was renamed");
+    }
+    Ok(())
+}
+
+/// Creates the slot and loads the snapshot it exports into the mirror; the
+/// stream then starts at the slot's consistent point.
+async fn snapshot(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(), Failure> {
+    // The rows a snapshot adds are late subscribers unless the mirror starts
+    // empty (a first snapshot): it replaces a mirror, or one a crash left
+    // half replaced. A marker too many costs a lookup; one too few, a
+    // notification.
+    let marks_late = store.subscription_rows().next().is_some();
     // The snapshot stays valid while the session that exported it is idle.
     let mut session = ReplicationClient::connect_gated(feed.replication(Lsn::ZERO)?)
         .await
         .map_err(Failure::Replication)?;
-    let (start, snapshot) = create_slot(&mut session, &feed.slot).await?;
+    let (start, exported) = create_slot(&mut session, &feed.slot).await?;
     // Until the snapshot is merged, the mirror may not be trusted.
     let position = |complete| MirrorPosition {
         mode: MirrorMode::Cdc,
@@ -267,11 +309,11 @@ pub async fn prepare(store: Arc<Store>, feed: &FeedConfig, now: i64) -> Result<(
     let complete = position(true);
     let plan = SyncPlan {
         finish: Box::new(move |_| complete),
-        late_seq: had_mirror.then_some(start),
+        late_seq: marks_late.then_some(start),
     };
     let started = Instant::now();
     let SyncStats { rows, .. } =
-        mirror::sync(store, &feed.postgres_url, plan, Some(&snapshot)).await?;
+        mirror::sync(store, &feed.postgres_url, plan, Some(&exported)).await?;
     drop(session);
     tracing::info!(
         rows,
@@ -310,7 +352,7 @@ async fn create_slot(
 ) -> Result<(u64, String), Failure> {
     let rows = session
         .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'export')"
+            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput EXPORT_SNAPSHOT"
         ))
         .await
         .map_err(Failure::Replication)?;
@@ -415,17 +457,15 @@ pub async fn follow(
         if unreachable(&error) {
             health.change_feed.set_ok(false);
         }
-        if slot_gone(&error) {
+        if slot_gone(&error, &feed).await {
             tracing::error!(%error, slot = %feed.slot, "replication slot lost while following it");
-            let now = crate::infra::clock::now();
             // `prepare` sees the missing or invalidated slot and re-snapshots.
-            if let Err(e) = prepare(store.clone(), &feed, now).await {
-                if classify(&e) != Disposition::Retry {
-                    return Err(e);
-                }
-                tracing::warn!(error = %e, "re-snapshot failed; retrying");
+            let again = || prepare(store.clone(), &feed, crate::infra::clock::now());
+            match until_done("change feed re-snapshot", again, &shutdown, |_| {}).await {
+                Ok(()) => continue,
+                Err(Stopped::Shutdown) => return Ok(()),
+                Err(Stopped::Fatal(e)) => return Err(e),
             }
-            continue;
         }
         if classify(&error) != Disposition::Retry {
             return Err(error);
@@ -440,37 +480,41 @@ pub async fn follow(
     }
 }
 
-/// The server's message and SQLSTATE, from either kind of connection.
-fn server_error(error: &Failure) -> Option<(String, Option<String>)> {
+/// The server's SQLSTATE, from either kind of connection.
+fn sqlstate(error: &Failure) -> Option<&str> {
     match error {
-        Failure::Postgres(e) => e
-            .as_db_error()
-            .map(|db| (db.message().to_owned(), Some(db.code().code().to_owned()))),
-        Failure::Replication(pgwire_replication::PgWireError::Server(text)) => Some((
-            text.clone(),
-            crate::infra::retry::sqlstate_in(text).map(str::to_owned),
-        )),
+        Failure::Postgres(e) => e.code().map(|c| c.code()),
+        Failure::Replication(pgwire_replication::PgWireError::Server(text)) => {
+            crate::infra::retry::sqlstate_in(text)
+        }
         _ => None,
     }
 }
 
 /// Postgres cannot be reached, as opposed to refusing something.
 fn unreachable(error: &Failure) -> bool {
-    let connection_class = |code: &str| matches!(code.get(..2), Some("08" | "57" | "53"));
-    match (error, server_error(error)) {
-        (_, Some((_, code))) => code.as_deref().is_none_or(connection_class),
+    match (error, sqlstate(error)) {
+        (_, Some(code)) => matches!(code.get(..2), Some("08" | "57" | "53")),
         (Failure::Postgres(_), None) => true,
         (Failure::Replication(e), None) => e.is_io(),
         _ => false,
     }
 }
 
-/// The slot was dropped or invalidated under us.
-fn slot_gone(error: &Failure) -> bool {
-    let Some((msg, _)) = server_error(error) else {
+/// The slot was dropped or invalidated under us: the server refused it as
+/// undefined (42704) or unusable (55000), and it is indeed missing or lost.
+/// Asked of the server rather than read from the message, whose wording
+/// changes between versions.
+async fn slot_gone(error: &Failure, feed: &FeedConfig) -> bool {
+    if !matches!(sqlstate(error), Some("42704" | "55000")) {
+        return false;
+    }
+    let Ok(client) = crate::sinks::postgres_connect(&feed.postgres_url).await else {
         return false;
     };
-    (msg.contains("replication slot") && msg.contains("does not exist"))
-        || msg.contains("can no longer get changes from replication slot")
-        || msg.contains("This slot has been invalidated")
+    match slot_state(&client, &feed.slot).await {
+        Ok(None) => true,
+        Ok(Some(state)) => state.lost,
+        Err(_) => false,
+    }
 }

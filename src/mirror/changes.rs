@@ -61,9 +61,9 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Changes held.
+    /// Changes and transactions held: what bounds the memory they take.
     pub fn len(&self) -> usize {
-        self.changes
+        self.changes + self.txns.len()
     }
 
     /// Nothing held, not even the start of a transaction.
@@ -426,7 +426,7 @@ mod tests {
         assert!(!pending.has_commit());
         pending.commit(10).unwrap();
         assert!(pending.has_commit());
-        assert_eq!(pending.len(), 5);
+        assert_eq!(pending.len(), 5 + 1);
         let txns = pending.take();
         assert!(pending.is_empty());
         assert_eq!(txns.len(), 1);

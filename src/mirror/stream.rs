@@ -13,10 +13,16 @@
 //! (standby status updates, which `pgwire-replication` sends every
 //! `cdc-status-interval` and whenever the server asks) is only ever the end
 //! of a transaction whose changes, and every earlier one's, are in a synced
-//! store batch, or a keepalive's position while nothing is under way. The
-//! server sends a keepalive only after everything that committed before its
-//! position, so moving there skips nothing: an idle table never pins WAL,
-//! and a transaction still open is sent whole when it commits.
+//! store batch, or a keepalive's position while nothing is under way. A
+//! keepalive carries the walsender's sent position, and with protocol
+//! version 1 a transaction is sent only once it has committed, whole, before
+//! any keepalive past its commit: so moving there skips nothing. An idle
+//! table never pins WAL, and a transaction still open is sent whole when it
+//! commits.
+//!
+//! A transaction applied in parts shows the fan-out its state between
+//! parts: a row it inserts and deletes again may be seen (and notified) in
+//! between. Only transactions of more than [`CHUNK`] changes are split.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,7 +54,10 @@ pub async fn follow_slot(
     health.change_feed.set_ok(true);
     loop {
         let event = tokio::select! {
-            event = stream.next() => event?,
+            event = async {
+                stream.write_if_idle().await?;
+                stream.recv().await
+            } => event?,
             _ = shutdown.cancelled() => return Ok(()),
         };
         let Some(event) = event else {
@@ -70,10 +79,12 @@ struct Stream<'a> {
     pending: Pending,
     /// When `position` was last written.
     written_at: Instant,
-    /// How often an idle feed moves its position.
+    /// How long after the last write an idle feed moves its position.
     idle_move: Duration,
     /// The furthest WAL position the server has reported.
     server_end: u64,
+    /// An event received while looking whether one was queued.
+    queued: Option<pgwire_replication::Result<Option<ReplicationEvent>>>,
 }
 
 impl<'a> Stream<'a> {
@@ -98,21 +109,32 @@ impl<'a> Stream<'a> {
             position,
             pending: Pending::default(),
             written_at: Instant::now(),
-            idle_move: feed.status_interval,
+            // Keepalives come about once per status interval: moving on
+            // every other one would double the wait.
+            idle_move: feed.status_interval / 2,
             server_end: start,
+            queued: None,
         })
     }
 
-    /// The next event; first applies what is held if a whole transaction is
-    /// and nothing more is queued.
-    async fn next(&mut self) -> Result<Option<ReplicationEvent>, Failure> {
-        if self.pending.has_commit() {
-            if let Some(event) = self.session.recv().now_or_never() {
-                return event.map_err(Failure::Replication);
+    /// Applies what is held if a whole transaction is and nothing more is
+    /// queued; an event that is queued is kept for [`Stream::recv`].
+    async fn write_if_idle(&mut self) -> Result<(), Failure> {
+        if self.queued.is_none() && self.pending.has_commit() {
+            match self.session.recv().now_or_never() {
+                Some(event) => self.queued = Some(event),
+                None => self.write().await?,
             }
-            self.write().await?;
         }
-        self.session.recv().await.map_err(Failure::Replication)
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<Option<ReplicationEvent>, Failure> {
+        let event = match self.queued.take() {
+            Some(event) => event,
+            None => self.session.recv().await,
+        };
+        event.map_err(Failure::Replication)
     }
 
     async fn handle(&mut self, event: ReplicationEvent) -> Result<(), Failure> {
