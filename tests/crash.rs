@@ -320,6 +320,25 @@ fn crash_after_a_refused_campaign_is_dead_lettered() {
     assert!(service.stop().success());
 }
 
+/// A service in `cdc` mode that has fanned out a live campaign (restaurant,
+/// campaign) to its three subscribers (returned), then stopped.
+fn fanned_out_under_cdc(
+    db: &Db,
+    topics: &Topics,
+    state: &std::path::Path,
+) -> (Service, Uuid, Uuid, Vec<Uuid>) {
+    let r = Uuid::new_v4();
+    let first = db.new_subscribers(r, 3);
+    let mut service = Service::start(db, topics, state, &["--mirror-mode", "cdc"]);
+    let k = Uuid::new_v4();
+    Producer::new().send_action(&topics.input, &live_action(r, k));
+    wait_for("the campaign's fan-out", WAIT, || {
+        (db.feedback_count() == 3).then_some(())
+    });
+    assert!(service.stop().success());
+    (service, r, k, first)
+}
+
 /// The process dies after the first part of a transaction too large to
 /// apply at once is in the mirror (written before the transaction's end
 /// LSN). After the restart the whole transaction is applied once: the mirror
@@ -330,16 +349,7 @@ fn crash_between_the_parts_of_a_large_transaction() {
     let db = Db::migrated();
     let topics = Topics::new(1);
     let state = tempfile::tempdir().unwrap();
-    let r = Uuid::new_v4();
-    db.new_subscribers(r, 3);
-    let mut service = Service::start(&db, &topics, state.path(), &["--mirror-mode", "cdc"]);
-    let k = Uuid::new_v4();
-    Producer::new().send_action(&topics.input, &live_action(r, k));
-    wait_for("the campaign's fan-out", WAIT, || {
-        (db.feedback_count() == 3).then_some(())
-    });
-    assert!(service.stop().success());
-
+    let (mut service, r, k, _) = fanned_out_under_cdc(&db, &topics, state.path());
     service.restart_with_env(&[("PROMO_FANOUT_FAILPOINTS", "cdc-after-apply=return")]);
     db.client()
         .execute(
@@ -497,16 +507,7 @@ fn crash_between_the_mirror_commit_and_the_slot_advance() {
     let db = Db::migrated();
     let topics = Topics::new(1);
     let state = tempfile::tempdir().unwrap();
-    let r = Uuid::new_v4();
-    let first = db.new_subscribers(r, 3);
-    let mut service = Service::start(&db, &topics, state.path(), &["--mirror-mode", "cdc"]);
-    let k = Uuid::new_v4();
-    Producer::new().send_action(&topics.input, &live_action(r, k));
-    wait_for("the campaign's fan-out", WAIT, || {
-        (db.feedback_count() == 3).then_some(())
-    });
-    assert!(service.stop().success());
-
+    let (mut service, r, k, first) = fanned_out_under_cdc(&db, &topics, state.path());
     service.restart_with_env(&[("PROMO_FANOUT_FAILPOINTS", "cdc-after-apply=return")]);
     let late = db.new_subscribers(r, 2);
     assert!(
