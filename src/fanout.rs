@@ -310,13 +310,15 @@ impl Plan {
 /// Late subscribers: clients the mirror saw subscribe (`markers`: restaurant,
 /// client, marker) after the fan-out of a campaign had passed their place in
 /// it. Each still subscribed gets every eligible campaign of the restaurant
-/// whose fan-out is past them and that they have not had; campaigns whose
-/// fan-out has yet to reach them will reach them anyway.
+/// whose fan-out is past them and that they have not had (neither recorded
+/// in the sent set nor `in_flight`); campaigns whose fan-out has yet to
+/// reach them will reach them anyway.
 pub fn late<V: StateView + ?Sized>(
     view: &V,
     campaigns: &Campaigns,
     markers: &[(Uuid, Uuid, u64)],
     rules: &Rules,
+    in_flight: impl Fn(&CampaignKey, Uuid) -> bool,
 ) -> Result<Vec<Notification>, StoreError> {
     let mut out = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
@@ -332,6 +334,7 @@ pub fn late<V: StateView + ?Sized>(
             };
             if !passed
                 || campaign_timing(campaign, rules.now, rules.margin) != Timing::Eligible
+                || in_flight(&(*r, *k), *c)
                 || view.sent_flags(*r, *k, &[*c])?[0]
             {
                 continue;
@@ -601,7 +604,7 @@ mod tests {
         view.subs.insert((u(1), u(7)));
         view.sent.insert((u(1), u(12), u(7)));
         let markers = [(u(1), u(7), 3), (u(1), u(7), 4), (u(1), u(8), 5)];
-        let got = late(&view, &campaigns, &markers, &rules(now)).unwrap();
+        let got = late(&view, &campaigns, &markers, &rules(now), |_, _| false).unwrap();
         let got: Vec<(Uuid, Uuid)> = got
             .iter()
             .map(|n| (n.campaign.action.adv_campaign_id, n.client_id))
@@ -609,5 +612,9 @@ mod tests {
         // 10 is done; 11 passed 5 < 7 so its scan will reach 7; 12 was sent;
         // 13 has not started; 14 is over; client 8 unsubscribed again.
         assert_eq!(got, vec![(u(10), u(7))]);
+        // A batch in flight notifies (10, 7) already.
+        let in_flight = |k: &CampaignKey, c: Uuid| *k == (u(1), u(10)) && c == u(7);
+        let got = late(&view, &campaigns, &markers, &rules(now), in_flight).unwrap();
+        assert!(got.is_empty());
     }
 }

@@ -24,7 +24,7 @@ use crate::infra::clock;
 use crate::infra::health::{self, Health};
 use crate::infra::retry::{until_done, Failure, Stopped};
 use crate::mirror::{self, Follower};
-use crate::planner::{Markers, Planner};
+use crate::planner::Planner;
 use crate::sinks::{FeedbackSink, KafkaSink};
 use crate::source::{LagReporter, Source};
 
@@ -268,7 +268,9 @@ impl Pipeline {
             };
             let intake = self.planner.intake(messages);
             crate::failpoint!("after-validation");
-            let markers = self.late_markers().await?;
+            // Decided against what is recorded and what is in flight: the
+            // batches in flight need not be waited for.
+            let markers = self.planner.late_markers().map_err(failed)?;
             let Some(batch) = self
                 .planner
                 .plan(intake, markers, clock::now())
@@ -284,22 +286,6 @@ impl Pipeline {
         }
     }
 
-    /// Late subscribers are decided against what is recorded: the sent
-    /// entries of batches in flight are not in the store yet, nor are the
-    /// markers they clear. So with markers waiting, the batches in flight
-    /// are recorded first, and the markers read again.
-    async fn late_markers(&mut self) -> Step<Markers> {
-        let markers = self.planner.late_markers().map_err(failed)?;
-        if markers.is_empty() || self.committer.is_empty() {
-            return Ok(markers);
-        }
-        while !self.committer.is_empty() {
-            let recorded = self.next_recorded().await?;
-            self.recorded(Ok(recorded))?;
-        }
-        self.planner.late_markers().map_err(failed)
-    }
-
     /// The next batch recorded, unless shutdown comes first.
     async fn next_recorded(&mut self) -> Step<Recorded> {
         tokio::select! {
@@ -312,6 +298,7 @@ impl Pipeline {
     /// for the planner.
     fn recorded(&mut self, recorded: Result<Recorded, Stopped>) -> Step<()> {
         let recorded = recorded.map_err(|s| s.map(RunError::Delivery))?;
+        self.planner.recorded();
         self.planner.forget(&recorded.refused);
         self.recorded.send_replace(recorded.batch.positions.clone());
         Ok(())

@@ -8,7 +8,7 @@
 //! the campaigns of the store. Batches it plans are taken through the
 //! delivery order by a [`Committer`](crate::checkpoint::Committer).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use promo_fanout_state::{Origin, Store, StoreError};
@@ -35,8 +35,54 @@ pub struct Intake {
     messages: u64,
 }
 
+/// What the batches planned but not yet recorded hold, so that late
+/// subscribers are decided without waiting for them: the markers they took
+/// and the (campaign, client) pairs they notify.
+#[derive(Debug, Default)]
+struct InFlight {
+    /// Per batch, in the order planned (and recorded).
+    batches: VecDeque<(Markers, Vec<(CampaignKey, Uuid)>)>,
+    markers: HashSet<(Uuid, Uuid, u64)>,
+    notified: HashMap<(CampaignKey, Uuid), usize>,
+}
+
+impl InFlight {
+    fn planned(&mut self, batch: &Batch) {
+        let notified: Vec<(CampaignKey, Uuid)> = batch
+            .plan
+            .notifications
+            .iter()
+            .map(|n| (fanout::key_of(&n.campaign), n.client_id))
+            .collect();
+        for pair in &notified {
+            *self.notified.entry(*pair).or_default() += 1;
+        }
+        self.markers.extend(batch.late.iter().copied());
+        self.batches.push_back((batch.late.clone(), notified));
+    }
+
+    /// The oldest batch planned has been recorded.
+    fn recorded(&mut self) {
+        let Some((markers, notified)) = self.batches.pop_front() else {
+            return;
+        };
+        for m in &markers {
+            self.markers.remove(m);
+        }
+        for pair in notified {
+            if let Some(n) = self.notified.get_mut(&pair) {
+                *n -= 1;
+                if *n == 0 {
+                    self.notified.remove(&pair);
+                }
+            }
+        }
+    }
+}
+
 pub struct Planner {
     store: Arc<Store>,
+    in_flight: InFlight,
     campaigns: Campaigns,
     turn: Option<CampaignKey>,
     positions: BTreeMap<i32, i64>,
@@ -67,6 +113,7 @@ impl Planner {
             .collect();
         Ok(Planner {
             store,
+            in_flight: InFlight::default(),
             campaigns,
             turn: None,
             positions,
@@ -136,11 +183,14 @@ impl Planner {
         intake
     }
 
-    /// The late-subscriber markers the next batch takes. They are decided
-    /// against what is recorded, so the caller reads them with no batch in
-    /// flight (see [`crate::pipeline`]).
+    /// The late-subscriber markers the next batch takes: those no batch in
+    /// flight has taken.
     pub fn late_markers(&self) -> Result<Markers, StoreError> {
-        self.store.late_subscribers(self.budget)
+        let taken = &self.in_flight.markers;
+        let mut markers = self.store.late_subscribers(self.budget + taken.len())?;
+        markers.retain(|m| !taken.contains(m));
+        markers.truncate(self.budget);
+        Ok(markers)
     }
 
     /// Plans the next batch and moves the planner's state past it; `None`
@@ -166,7 +216,10 @@ impl Planner {
         )?;
         // Subscribers the mirror saw arrive, against the campaigns as they
         // stood before this batch (the plan's own scans cover the rest).
-        let late = fanout::late(&*self.store, &self.campaigns, &markers, &rules)?;
+        let notified = &self.in_flight.notified;
+        let late = fanout::late(&*self.store, &self.campaigns, &markers, &rules, |k, c| {
+            notified.contains_key(&(*k, c))
+        })?;
         self.more_late = markers.len() >= self.budget;
         let batch = Batch {
             late_notifications: late.len() as u64,
@@ -194,6 +247,7 @@ impl Planner {
         }
         self.turn = batch.plan.next_turn.or(self.turn);
         self.positions = batch.positions.clone();
+        self.in_flight.planned(&batch);
         let pending = self
             .campaigns
             .values()
@@ -202,6 +256,12 @@ impl Planner {
         metrics::gauge!("promo_fanout_fanout_pending_campaigns").set(pending as f64);
         metrics::gauge!("promo_fanout_campaigns_stored").set(self.campaigns.len() as f64);
         Ok(Some(batch))
+    }
+
+    /// The oldest batch planned has been recorded (batches are recorded in
+    /// the order planned): what it holds is in the store now.
+    pub fn recorded(&mut self) {
+        self.in_flight.recorded();
     }
 
     /// Campaign versions the sinks refused are planned no more, unless a
