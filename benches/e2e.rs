@@ -111,8 +111,11 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// Subscriptions a second written during a throughput run.
-const LATE_RATE: u64 = 200;
+/// Subscriptions a second written during a throughput run
+/// (`PF_E2E_WRITER_RATE`, 0 for none).
+fn writer_rate() -> u64 {
+    env_or("PF_E2E_WRITER_RATE", 200)
+}
 
 /// Subscribes new clients to one restaurant at a steady rate, each in its
 /// own transaction, until stopped; notes when each committed.
@@ -126,6 +129,9 @@ impl LateWriter {
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, url) = (stop.clone(), url.to_owned());
         let handle = std::thread::spawn(move || {
+            if rate == 0 {
+                return Vec::new();
+            }
             let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
             let insert = pg
                 .prepare("INSERT INTO subscribers_restaurants (client_id, restaurant_id) VALUES ($1, $2)")
@@ -472,7 +478,7 @@ impl Bench {
     }
 
     /// The service end to end in `mode` (`cdc` or `refresh`): notifications/s
-    /// committed on both sinks, while a writer adds [`LATE_RATE`]
+    /// committed on both sinks, while a writer adds [`writer_rate`]
     /// subscribers a second to a restaurant whose campaign has been fanned
     /// out. In `cdc` mode, also the mirror's freshness and the late
     /// subscribers' notification latency under that load.
@@ -496,7 +502,7 @@ impl Bench {
         );
         self.wait_sent(&metrics, 1.0, Duration::from_secs(60));
 
-        let writer = LateWriter::start(&url, late_r, LATE_RATE);
+        let writer = LateWriter::start(&url, late_r, writer_rate());
         let expected = load.notifications() as f64;
         let started = Instant::now();
         self.produce_all(&producer, &t.input, &actions);
@@ -520,8 +526,9 @@ impl Bench {
             .get(0);
         assert_eq!(rows as f64, expected, "every notification is in Postgres");
         let conditions = format!(
-            "{}, both sinks committed, `mirror-mode {mode}`, {LATE_RATE} subscriptions/s written meanwhile",
-            load.describe()
+            "{}, both sinks committed, `mirror-mode {mode}`, {} subscriptions/s written meanwhile",
+            load.describe(),
+            writer_rate()
         );
         self.row(
             &format!("promo-fanout end to end, {mode}"),
