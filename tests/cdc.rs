@@ -480,13 +480,6 @@ fn a_renamed_slot_replaces_the_old_one() {
     assert!(service.stop().success());
 }
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Rows, the sum of their ids and of their clients' first 32 bits: enough to
 /// tell two copies of a table apart without printing millions of rows.
 type Summary = (i64, i64, i64);

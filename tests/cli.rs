@@ -23,11 +23,29 @@ fn stderr(o: &Output) -> String {
 /// Runs `promo-fanout run` with `args`, checks that it refuses to start
 /// (exit 1), and returns what it said.
 fn refused_at_start(args: &[&str]) -> String {
+    refused_at_start_with(args, &[])
+}
+
+/// [`refused_at_start`] with environment variables.
+fn refused_at_start_with(args: &[&str], envs: &[(&str, &str)]) -> String {
     let mut all = vec!["run", "--metrics-addr", "127.0.0.1:0"];
     all.extend_from_slice(args);
-    let o = run(&all, &[]);
+    let o = run(&all, envs);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     stderr(&o)
+}
+
+/// `run` with nothing listening where Postgres should be (port 1), given up
+/// after `timeout`.
+fn unreachable_database<'a>(state: &'a std::path::Path, timeout: &'a str) -> [&'a str; 6] {
+    [
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--postgres-url",
+        "postgres://postgres@127.0.0.1:1/postgres",
+        "--startup-timeout",
+        timeout,
+    ]
 }
 
 #[test]
@@ -155,15 +173,7 @@ fn a_bad_postgres_url_is_a_settings_error() {
 #[test]
 fn an_unreachable_database_stops_the_start_with_one_line() {
     let state = tempfile::tempdir().unwrap();
-    let err = refused_at_start(&[
-        "--state-dir",
-        state.path().to_str().unwrap(),
-        "--postgres-url",
-        // Nothing listens on port 1.
-        "postgres://postgres@127.0.0.1:1/postgres",
-        "--startup-timeout",
-        "2s",
-    ]);
+    let err = refused_at_start(&unreachable_database(state.path(), "2s"));
     assert!(
         err.contains("cannot reach Postgres at postgres://postgres@127.0.0.1:1/postgres")
             && err.contains("startup timeout (2s)"),
@@ -177,24 +187,11 @@ fn an_unreachable_database_stops_the_start_with_one_line() {
 #[test]
 fn an_old_setting_is_accepted_with_a_warning_and_a_too_long_status_interval_refused() {
     let state = tempfile::tempdir().unwrap();
-    let args = [
-        "run",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--state-dir",
-        state.path().to_str().unwrap(),
-        "--postgres-url",
-        "postgres://postgres@127.0.0.1:1/postgres",
-        "--startup-timeout",
-        "1s",
-    ];
-    let o = run(&args, &[("PROMO_FANOUT_CDC_POLL_INTERVAL", "50ms")]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("cdc-poll-interval is no longer used"),
-        "{}",
-        stderr(&o)
+    let err = refused_at_start_with(
+        &unreachable_database(state.path(), "1s"),
+        &[("PROMO_FANOUT_CDC_POLL_INTERVAL", "50ms")],
     );
+    assert!(err.contains("cdc-poll-interval is no longer used"), "{err}");
     let o = run(&["run", "--cdc-status-interval", "45s"], &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("cdc-status-interval"), "{}", stderr(&o));

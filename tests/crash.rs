@@ -381,13 +381,6 @@ fn crash_between_the_parts_of_a_large_transaction() {
     assert!(service.stop().success());
 }
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// SIGKILL at random instants while tens of thousands of notifications fan
 /// out and clients keep subscribing to restaurants whose campaigns are
 /// under way; every restart resumes. 0 lost anywhere, 0 repeated in

@@ -30,6 +30,14 @@ pub fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// A size from the environment (a test run larger by hand), else `default`.
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Polls `check` until it returns `Some`, failing the test with `what` after
 /// `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
