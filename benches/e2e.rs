@@ -159,6 +159,27 @@ impl LateWriter {
     }
 }
 
+/// A consumer of every partition of `topic` from its beginning, fetching with
+/// a short wait (it timestamps what it reads).
+fn reader_from_start(brokers: &str, topic: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("e2e_reader_{}", Uuid::new_v4().simple()),
+        )
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    consumer
+}
+
 /// Reads a push topic from the start and notes when each message for one
 /// restaurant was seen, by client.
 struct PushWatch {
@@ -169,18 +190,7 @@ struct PushWatch {
 
 impl PushWatch {
     fn start(brokers: &str, topic: &str, restaurant: Uuid) -> PushWatch {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", format!("e2e_watch_{}", Uuid::new_v4().simple()))
-            .set("fetch.wait.max.ms", "5")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
+        let consumer = reader_from_start(brokers, topic);
         let stop = Arc::new(AtomicBool::new(false));
         let seen: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
         let (flag, into) = (stop.clone(), seen.clone());
@@ -743,21 +753,7 @@ impl Bench {
             let sent = sent.clone();
             let expected = (n + warm_up) * 100;
             std::thread::spawn(move || {
-                let consumer: BaseConsumer = ClientConfig::new()
-                    .set("bootstrap.servers", &brokers)
-                    .set(
-                        "group.id",
-                        format!("e2e_reader_{}", Uuid::new_v4().simple()),
-                    )
-                    .set("fetch.wait.max.ms", "5")
-                    .create()
-                    .unwrap();
-                let mut tpl = TopicPartitionList::new();
-                for p in 0..PARTITIONS {
-                    tpl.add_partition_offset(&topic, p, Offset::Beginning)
-                        .unwrap();
-                }
-                consumer.assign(&tpl).unwrap();
+                let consumer = reader_from_start(&brokers, &topic);
                 let mut latencies = Vec::with_capacity(expected as usize);
                 let mut read = 0u64;
                 let deadline = Instant::now() + Duration::from_secs(seconds * 20 + 120);

@@ -197,8 +197,9 @@ impl<'a> Stream<'a> {
                 .await
                 .expect("the store commit does not panic")?;
             self.moved(next);
+        } else {
+            self.report_lag();
         }
-        self.report_lag();
         Ok(())
     }
 
