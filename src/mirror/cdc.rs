@@ -190,8 +190,13 @@ async fn probe_replication(feed: &FeedConfig) -> Result<Option<String>, Failure>
             .map_err(Failure::Replication)
     };
     match tokio::time::timeout(Duration::from_secs(30), probe).await {
-        Err(_) => Err(Failure::Feed(
-            "a replication connection got no answer in 30 s".into(),
+        // No answer is an outage, waited out like a connection refused.
+        Err(_) => Err(Failure::Replication(
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "a replication connection got no answer in 30 s",
+            )
+            .into(),
         )),
         Ok(Ok(_)) => Ok(None),
         Ok(Err(Failure::Replication(e))) if e.is_io() => Err(Failure::Replication(e)),
