@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesOrdered, StreamExt};
-use promo_fanout_state::{Campaign, Commit, Origin, Store};
+use promo_fanout_state::{Campaign, Commit, Origin, Ownership, Store};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
@@ -17,8 +17,9 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use crate::fanout::{key_of, CampaignKey, Notification, Plan};
 use crate::infra::health::Health;
 use crate::infra::retry::{until_done, Stopped};
-use crate::sinks::{DeadLetter, FeedbackSink, KafkaSink, Outbox, Refusals};
-use crate::source::Source;
+use crate::partitions::{self, Scope};
+use crate::sinks::{DeadLetter, FeedbackSink, KafkaSink, Open, Outbox, Refusals};
+use crate::source::{CommitMode, Source};
 
 /// One batch, decided and ready to be made durable.
 #[derive(Debug, Default)]
@@ -79,9 +80,28 @@ impl Refused {
     }
 }
 
+/// A delivered batch: what the sinks refused, and its feedback transaction,
+/// open until the batch is recorded.
+pub struct Delivered {
+    pub refused: Refusals,
+    pub open: Option<Open>,
+    /// The rows `open` holds.
+    pub inserted: usize,
+}
+
 /// The sinks, the store and the source a batch is committed to.
 pub struct Checkpoint {
     pub feedback: FeedbackSink,
+    /// Whose partitions this instance records.
+    pub scope: Scope,
+    /// This instance's hold on each of its partitions, as the last batch
+    /// recorded left it.
+    pub held: std::sync::Mutex<BTreeMap<i32, Ownership>>,
+    /// Partitions not held whose state the store still marks as exact. A
+    /// batch that handles late-subscriber markers handles them only for the
+    /// campaigns of held partitions: the others' state is no longer exact,
+    /// and their marks are dropped with that batch.
+    pub unheld: std::sync::Mutex<BTreeSet<i32>>,
     pub kafka: KafkaSink,
     pub store: Arc<Store>,
     pub health: Arc<Health>,
@@ -101,19 +121,20 @@ impl Checkpoint {
     /// 1. read and validate: done by the caller, bad messages are `batch.dead`;
     /// 2. decide recipients: done by the caller, `batch.plan`;
     /// 3. write the feedback rows to Postgres (one transaction, `ON CONFLICT DO
-    ///    NOTHING`), leaving out the campaigns Postgres refuses for their
-    ///    content; then produce the push messages of the rest and the dead
-    ///    letters to Kafka (idempotent producer, `acks=all`, every delivery
-    ///    report awaited). Postgres goes first so that a campaign it refuses
-    ///    reaches no client. Each is retried with backoff until it succeeds
-    ///    (Kafka re-sends only the records not acknowledged), and the batch is
-    ///    not recorded before. The refused campaigns are returned, with the
-    ///    reason, for `record` to dead-letter.
+    ///    NOTHING`, left open until the batch is recorded), leaving out the
+    ///    campaigns Postgres refuses for their content; then produce the push
+    ///    messages of the rest and the dead letters to Kafka (idempotent
+    ///    producer, `acks=all`, every delivery report awaited). Postgres goes
+    ///    first so that a campaign it refuses reaches no client. Each is
+    ///    retried with backoff until it succeeds (Kafka re-sends only the
+    ///    records not acknowledged), and the batch is not recorded before.
+    ///    The refused campaigns are returned, with the reason, for `record`
+    ///    to dead-letter.
     pub async fn deliver(
         &self,
         batch: &Batch,
         shutdown: &CancellationToken,
-    ) -> Result<Refusals, Stopped> {
+    ) -> Result<Delivered, Stopped> {
         let notifications: Vec<&Notification> = batch
             .plan
             .notifications
@@ -121,15 +142,22 @@ impl Checkpoint {
             .filter(|n| !self.refused.contains(&n.campaign))
             .collect();
         let mut refused = Refusals::new();
+        let mut open = None;
         if !notifications.is_empty() {
-            refused = until_done(
+            let began = until_done(
                 "postgres",
-                || self.feedback.write(&notifications),
+                || self.feedback.begin(&notifications),
                 shutdown,
                 |ok| self.health.feedback.set_ok(ok),
             )
             .await?;
+            open = Some(began.0);
+            refused = began.1;
         }
+        let inserted = notifications
+            .iter()
+            .filter(|n| !refused.contains_key(&key_of(&n.campaign)))
+            .count();
         crate::failpoint!("after-postgres");
         self.mark_refused(notifications.iter().copied(), &refused);
 
@@ -149,7 +177,11 @@ impl Checkpoint {
         for (key, reason) in pushed_refused {
             refused.entry(key).or_insert(reason);
         }
-        Ok(refused)
+        Ok(Delivered {
+            refused,
+            open,
+            inserted,
+        })
     }
 
     /// Shares what a sink refused at once, before the batch is recorded, so
@@ -170,76 +202,83 @@ impl Checkpoint {
     /// batch is recorded:
     ///
     /// 4. dead-letter the campaigns the sinks refused (not already refused by
-    ///    an earlier batch), then commit to RocksDB in one synced write batch
-    ///    the sent entries, campaign changes (a refused campaign deleted, as
-    ///    if it never came), input positions and the late-subscriber markers
-    ///    handled;
+    ///    an earlier batch); commit the feedback transaction with the state of
+    ///    the batch's partitions (positions, campaign changes: see
+    ///    [`crate::partitions`]), fenced by this instance's hold on them;
+    ///    then commit to RocksDB in one synced write batch the sent entries,
+    ///    campaign changes (a refused campaign deleted, as if it never came),
+    ///    input positions, the late-subscriber markers handled and the new
+    ///    hold;
     /// 5. commit the consumer offsets to Kafka, for display: a failure here is
-    ///    logged, the store already holds the truth.
+    ///    logged, Postgres and the store already hold the truth.
     ///
-    /// A crash before 4 replays the batch: Postgres ignores the repeated rows,
-    /// the push topic may see the batch's messages again. A crash after 4
-    /// resumes from the stored positions. Returns the campaigns newly
-    /// refused, for the planner.
+    /// A crash before the Postgres commit replays the batch: its feedback
+    /// rows were rolled back, the push topic may see its messages again. A
+    /// crash between the two commits leaves the store behind Postgres: the
+    /// restart finds it stale and restores the partitions from Postgres. A
+    /// crash after 4 resumes from the stored positions. Returns the
+    /// campaigns newly refused, for the planner.
     pub async fn record(
         &self,
         batch: &Batch,
-        refused: Refusals,
+        delivered: Delivered,
         source: &Source,
         started: Instant,
         shutdown: &CancellationToken,
     ) -> Result<Vec<Version>, Stopped> {
-        let refusals = self.refusals(batch, refused);
+        let refusals = self.refusals(batch, delivered.refused);
         self.dead_letter(&refusals.letters, shutdown).await?;
         crate::failpoint!("after-refusals");
 
-        let notifications = &batch.plan.notifications;
-        let mut commit = Commit::new();
-        let mut sent = 0u64;
-        for n in notifications {
-            let a = &n.campaign.action;
-            if refusals.leaves_out(&n.campaign) {
-                continue;
+        let (mut commit, durable) = changes(batch, &refusals, self.sent_retention);
+        let rows: Vec<&Notification> = batch
+            .plan
+            .notifications
+            .iter()
+            .filter(|n| !refusals.leaves_out(&n.campaign))
+            .collect();
+        // Rows of a campaign refused since they were written (by the push
+        // topic, or by a batch delivering meanwhile) must not be committed:
+        // the commit then goes through a new transaction with the rest.
+        let open = (rows.len() == delivered.inserted).then_some(delivered.open);
+        let open = std::sync::Mutex::new(open.flatten());
+        let held = self.held.lock().expect("not poisoned").clone();
+        let now_held = until_done(
+            "postgres",
+            || {
+                let open = open.lock().expect("not poisoned").take();
+                self.feedback
+                    .commit(open, &rows, &self.scope, &held, &durable)
+            },
+            shutdown,
+            |ok| self.health.feedback.set_ok(ok),
+        )
+        .await?;
+        crate::failpoint!("after-postgres-commit");
+        for (partition, ownership) in &now_held {
+            commit.set_ownership(*partition, *ownership);
+        }
+        if !batch.late.is_empty() {
+            for partition in std::mem::take(&mut *self.unheld.lock().expect("not poisoned")) {
+                commit.forget_ownership(partition);
             }
-            sent += 1;
-            commit.mark_sent(
-                a.restaurant_id,
-                a.adv_campaign_id,
-                n.client_id,
-                a.adv_campaign_datetime_end
-                    .saturating_add(self.sent_retention),
-            );
-        }
-        for campaign in batch.plan.puts.values() {
-            if !refusals.leaves_out(campaign) {
-                commit.put_campaign(campaign);
-            }
-        }
-        let refused_keys = refusals.here.iter().copied();
-        for (restaurant, campaign) in batch.plan.deletes.iter().copied().chain(refused_keys) {
-            commit.delete_campaign(restaurant, campaign);
-        }
-        for (partition, next) in &batch.positions {
-            commit.set_input_position(*partition, *next);
-        }
-        for (restaurant, client, seq) in &batch.late {
-            commit.clear_late(*restaurant, *client, *seq);
         }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.commit(commit))
             .await
             .expect("the store commit does not panic")
             .map_err(|e| Stopped::Fatal(e.into()))?;
+        self.held.lock().expect("not poisoned").extend(now_held);
         crate::failpoint!("after-store-commit");
 
-        if let Err(error) = source.commit(&batch.positions) {
+        if let Err(error) = source.commit(&batch.positions, CommitMode::Async) {
             tracing::warn!(%error, "consumer offset commit failed; the store holds the positions");
         }
         crate::failpoint!("after-offset-commit");
 
         metrics::histogram!("promo_fanout_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("promo_fanout_batches_committed_total").increment(1);
-        metrics::counter!("promo_fanout_notifications_sent_total").increment(sent);
+        metrics::counter!("promo_fanout_notifications_sent_total").increment(rows.len() as u64);
         metrics::counter!("promo_fanout_campaigns_refused_total")
             .increment(refusals.lettered.len() as u64);
         report(batch);
@@ -319,6 +358,44 @@ impl Checkpoint {
         .await?;
         Ok(outbox.into_inner())
     }
+}
+
+/// What recording `batch` changes, in the store and in its partitions'
+/// durable state: the sent entries, the campaigns put and deleted (a
+/// refused one deleted, as if it never came), the input positions and the
+/// late-subscriber markers handled.
+fn changes(batch: &Batch, refusals: &Sorted, sent_retention: i64) -> (Commit, partitions::Record) {
+    let mut commit = Commit::new();
+    let mut durable = partitions::Record::default();
+    for n in &batch.plan.notifications {
+        if refusals.leaves_out(&n.campaign) {
+            continue;
+        }
+        let a = &n.campaign.action;
+        let expires_at = a.adv_campaign_datetime_end.saturating_add(sent_retention);
+        commit.mark_sent(a.restaurant_id, a.adv_campaign_id, n.client_id, expires_at);
+        durable.touched.insert(n.campaign.partition());
+    }
+    for campaign in batch.plan.puts.values() {
+        if !refusals.leaves_out(campaign) {
+            commit.put_campaign(campaign);
+            durable.put(campaign);
+        }
+    }
+    let refused_keys = refusals.here.iter().copied();
+    for (restaurant, campaign) in batch.plan.deletes.iter().copied().chain(refused_keys) {
+        commit.delete_campaign(restaurant, campaign);
+        durable.deletes.push((restaurant, campaign));
+    }
+    for (partition, next) in &batch.positions {
+        commit.set_input_position(*partition, *next);
+        durable.touched.insert(*partition);
+        durable.positions.insert(*partition, *next);
+    }
+    for (restaurant, client, seq) in &batch.late {
+        commit.clear_late(*restaurant, *client, *seq);
+    }
+    (commit, durable)
 }
 
 /// A batch's refusals, sorted by [`Checkpoint::refusals`].
@@ -480,7 +557,7 @@ async fn commit(
     let started = Instant::now();
     // A sink that fails is retried and logged by the delivery itself; one
     // that neither answers nor fails would be silent, so say so here.
-    let refusals = {
+    let delivered = {
         let delivery = checkpoint.deliver(&batch, &shutdown);
         tokio::pin!(delivery);
         loop {
@@ -501,7 +578,7 @@ async fn commit(
         previous.await.map_err(|_| Stopped::Shutdown)?;
     }
     let refused = checkpoint
-        .record(&batch, refusals, &source, started, &shutdown)
+        .record(&batch, delivered, &source, started, &shutdown)
         .await?;
     let _ = recorded.send(());
     Ok(Recorded { batch, refused })

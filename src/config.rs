@@ -79,12 +79,16 @@ pub struct Settings {
     pub dlq_topic: String,
     #[serde(deserialize_with = "lenient_string")]
     pub group_id: String,
+    /// This instance's name in the group (default: the host name): the
+    /// holder recorded for the partitions it takes.
+    #[serde(deserialize_with = "lenient_string")]
+    pub instance_id: String,
     /// A campaign stops being eligible this long before its end.
     #[serde(with = "humantime_serde")]
     pub expiry_margin: Duration,
     pub mirror_mode: MirrorMode,
-    /// `cdc` mode: the logical replication slot (default: `promo_fanout_`
-    /// and the group id).
+    /// `cdc` mode: the logical replication slot (default: `promo_fanout_`,
+    /// the group id, `_` and the instance id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cdc_slot: Option<String>,
     /// `cdc` mode: the publication of `subscribers_restaurants`.
@@ -149,6 +153,7 @@ impl Default for Settings {
             output_topic: "push_message".into(),
             dlq_topic: "restaurant_actions.dlq".into(),
             group_id: "promo-fanout".into(),
+            instance_id: default_instance_id(),
             expiry_margin: Duration::from_secs(600),
             mirror_mode: MirrorMode::Auto,
             cdc_slot: None,
@@ -169,6 +174,25 @@ impl Default for Settings {
             kafka: BTreeMap::new(),
         }
     }
+}
+
+/// `name` in the characters a slot name allows: `[a-z0-9_]`.
+fn slot_chars(name: &str) -> String {
+    name.chars()
+        .map(|ch| match ch.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '_') => c,
+            _ => '_',
+        })
+        .collect()
+}
+
+/// The host name, else `promo-fanout`.
+fn default_instance_id() -> String {
+    hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "promo-fanout".into())
 }
 
 /// The settings given as flags: only those present override the layers below.
@@ -200,6 +224,9 @@ pub struct SettingsArgs {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group_id: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
     /// e.g. `10m`, `0s`.
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -309,6 +336,7 @@ impl Settings {
             ("output-topic", &self.output_topic),
             ("dlq-topic", &self.dlq_topic),
             ("group-id", &self.group_id),
+            ("instance-id", &self.instance_id),
         ] {
             if value.trim().is_empty() {
                 return Err(SettingsError(format!("{name} is empty")));
@@ -389,20 +417,30 @@ impl Settings {
     }
 
     /// The replication slot `cdc` mode uses: `cdc-slot`, or one named after
-    /// the group (slot names allow `[a-z0-9_]`, 63 bytes).
+    /// the group and the instance, each instance having its own mirror (slot
+    /// names allow `[a-z0-9_]`, 63 bytes: a longer name is cut and ends with
+    /// a hash of the whole).
     pub fn cdc_slot(&self) -> String {
         if let Some(slot) = &self.cdc_slot {
             return slot.clone();
         }
-        let mut name = String::from("promo_fanout_");
-        for ch in self.group_id.chars() {
-            name.push(match ch.to_ascii_lowercase() {
-                c @ ('a'..='z' | '0'..='9' | '_') => c,
-                _ => '_',
-            });
+        let whole = format!("promo_fanout_{}_{}", self.group_id, self.instance_id);
+        let mut name = slot_chars(&whole);
+        if name.len() > 63 {
+            use sha2::Digest;
+            let hash = sha2::Sha256::digest(whole.as_bytes());
+            let suffix: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+            name.truncate(54);
+            name.push('_');
+            name.push_str(&suffix);
         }
-        name.truncate(63);
         name
+    }
+
+    /// What every default slot name of the group starts with (a name cut
+    /// to 63 bytes may not show it).
+    pub fn group_slot_prefix(&self) -> String {
+        slot_chars(&format!("promo_fanout_{}_", self.group_id))
     }
 
     /// The state dir as a path.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod fanout;
 pub mod infra;
 pub mod mirror;
+pub mod partitions;
 pub mod pipeline;
 pub mod planner;
 pub mod sinks;

@@ -25,6 +25,9 @@ enum Command {
     Run,
     /// Apply migrations/ to Postgres.
     Migrate,
+    /// The consumer group as Postgres sees it: who holds each input
+    /// partition, and each instance's replication slot with the WAL it keeps.
+    Group,
     /// Inspect or rebuild the state store.
     State {
         #[command(subcommand)]
@@ -129,6 +132,10 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             let moved =
                 promo_fanout::commands::set_position::set_position(&settings, partition, offset)?;
             println!("{moved}");
+        }
+        Command::Group => {
+            let report = promo_fanout::commands::group::group(&settings).await?;
+            print!("{report}");
         }
         Command::Demo => promo_fanout::commands::demo::demo(settings).await?,
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use promo_fanout_state::{Identity, Store};
+use promo_fanout_state::{Identity, Ownership, Store};
 use rdkafka::error::RDKafkaErrorCode;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -24,9 +24,10 @@ use crate::infra::clock;
 use crate::infra::health::{self, Health};
 use crate::infra::retry::{until_done, Failure, Stopped};
 use crate::mirror::{self, Follower};
+use crate::partitions::{self, Scope};
 use crate::planner::Planner;
-use crate::sinks::{FeedbackSink, KafkaSink};
-use crate::source::{LagReporter, Source};
+use crate::sinks::{postgres_connect, FeedbackSink, KafkaSink};
+use crate::source::{Change, CommitMode, LagReporter, Source};
 
 /// How long an idle loop waits for input before it looks at scheduled
 /// campaigns again.
@@ -72,6 +73,8 @@ pub enum RunError {
     PositionLost(rdkafka::error::KafkaError),
     #[error("delivery: {0}")]
     Delivery(Failure),
+    #[error("taking the input partitions: {0}{hint}", hint = migrate_hint(.0))]
+    Partitions(Failure),
 }
 
 impl From<promo_fanout_state::StoreError> for RunError {
@@ -165,6 +168,8 @@ struct Pipeline {
     source: Arc<Source>,
     planner: Planner,
     committer: Committer,
+    checkpoint: Arc<Checkpoint>,
+    store: Arc<Store>,
     mirror: Follower,
     lag: LagReporter,
     /// The positions recorded, for the lag reporter.
@@ -174,7 +179,8 @@ struct Pipeline {
 
 impl Pipeline {
     /// Starts every part, in order: Postgres, the mirror, the input topic
-    /// and its positions, then the planner and the committer.
+    /// (joining the consumer group), then the planner and the committer.
+    /// Partitions come with the group's first rebalance.
     async fn start(
         settings: Settings,
         store: Arc<Store>,
@@ -187,19 +193,18 @@ impl Pipeline {
         let mirror = mirror::start(&settings, &store, &health, &shutdown)
             .await
             .map_err(|s| s.map(|e| RunError::MirrorStart(Box::new(e))))?;
-        let partitions = wait_for_topic(&settings, &source, &health, &shutdown).await?;
-        let positions = assign(&settings, &source, &store, &partitions).map_err(failed)?;
-        let (recorded, positions_rx) = watch::channel(positions.clone());
-        let lag = crate::source::report_lag(
-            &settings,
-            health.clone(),
-            partitions,
-            positions_rx,
-            LAG_EVERY,
-        )
-        .map_err(failed)?;
+        wait_for_topic(&settings, &source, &health, &shutdown).await?;
+        source.subscribe().map_err(failed)?;
+        let (recorded, positions_rx) = watch::channel(BTreeMap::new());
+        let lag = crate::source::report_lag(&settings, health.clone(), positions_rx, LAG_EVERY)
+            .map_err(failed)?;
         let checkpoint = Arc::new(Checkpoint {
             feedback,
+            scope: Scope::of(&settings),
+            held: Default::default(),
+            unheld: std::sync::Mutex::new(
+                store.ownerships().map_err(failed)?.into_keys().collect(),
+            ),
             kafka,
             store: store.clone(),
             health,
@@ -208,9 +213,12 @@ impl Pipeline {
             refused: Default::default(),
         });
         let depth = settings.pipeline_depth;
+        let committer = Committer::new(checkpoint.clone(), source.clone(), depth, shutdown.clone());
         Ok(Pipeline {
-            planner: Planner::new(&settings, store, positions).map_err(failed)?,
-            committer: Committer::new(checkpoint, source.clone(), depth, shutdown.clone()),
+            planner: Planner::new(&settings, store.clone(), BTreeMap::new()).map_err(failed)?,
+            committer,
+            checkpoint,
+            store,
             settings,
             source,
             mirror,
@@ -246,6 +254,9 @@ impl Pipeline {
             if self.shutdown.is_cancelled() {
                 return Err(Stopped::Shutdown);
             }
+            for change in self.source.changes() {
+                self.rebalance(change).await?;
+            }
             while let Some(recorded) = self.committer.next().now_or_never() {
                 self.recorded(recorded)?;
             }
@@ -267,7 +278,9 @@ impl Pipeline {
                 _ = self.shutdown.cancelled() => return Err(Stopped::Shutdown),
             };
             let intake = self.planner.intake(messages);
-            crate::failpoint!("after-validation");
+            if intake.messages() > 0 {
+                crate::failpoint!("after-validation");
+            }
             // Decided against what is recorded and what is in flight: the
             // batches in flight need not be waited for.
             let markers = self.planner.late_markers().map_err(failed)?;
@@ -286,6 +299,106 @@ impl Pipeline {
         }
     }
 
+    /// Carries out a change of this instance's partitions (see
+    /// [`adopt`](Pipeline::adopt), [`release`](Pipeline::release)).
+    async fn rebalance(&mut self, change: Change) -> Step<()> {
+        let started = std::time::Instant::now();
+        let (kind, partitions) = match &change {
+            Change::Assign(p) => ("assign", p.clone()),
+            Change::Revoke(p) | Change::Lost(p) => ("revoke", p.clone()),
+        };
+        match change {
+            Change::Assign(p) => {
+                self.adopt(&p).await?;
+                let health = &self.checkpoint.health;
+                health.joined.store(true, Ordering::Relaxed);
+            }
+            Change::Revoke(p) => self.release(&p).await?,
+            Change::Lost(p) => {
+                // Another instance may hold them already: then their batches
+                // in flight are fenced, and the service stops.
+                tracing::warn!(partitions = ?p, "the consumer group says this instance lost partitions (its session or generation expired); letting them go");
+                self.release(&p).await?
+            }
+        }
+        let held = self.planner.partitions();
+        let took = started.elapsed();
+        metrics::counter!("promo_fanout_rebalances_total", "kind" => kind).increment(1);
+        metrics::histogram!("promo_fanout_handoff_seconds", "kind" => kind)
+            .record(took.as_secs_f64());
+        metrics::gauge!("promo_fanout_partitions_held").set(held.len() as f64);
+        tracing::info!(
+            kind,
+            ?partitions,
+            ?held,
+            ms = took.as_millis() as u64,
+            "rebalance carried out"
+        );
+        Ok(())
+    }
+
+    /// Partitions given to this instance: taken in Postgres (which fences
+    /// their previous holder), their state brought to the durable one, and
+    /// only then read.
+    async fn adopt(&mut self, partitions: &[i32]) -> Step<()> {
+        // Batches planned without these partitions may have handled
+        // late-subscriber markers without their campaigns: recorded first,
+        // they mark the store's state of the partitions as not exact.
+        self.record_in_flight().await?;
+        let (settings, store) = (&self.settings, &self.store);
+        let scope = &self.checkpoint.scope;
+        let held = take_partitions(settings, scope, store, partitions, &self.shutdown).await?;
+        let (start, positions) =
+            start_positions(settings, &self.source, store, partitions).map_err(failed)?;
+        self.planner.adopt(&positions).map_err(failed)?;
+        self.checkpoint
+            .held
+            .lock()
+            .expect("not poisoned")
+            .extend(held);
+        let mut unheld = self.checkpoint.unheld.lock().expect("not poisoned");
+        unheld.retain(|p| !partitions.contains(p));
+        drop(unheld);
+        self.recorded.send_modify(|r| r.extend(&positions));
+        self.source.start_reading(&start).map_err(failed)
+    }
+
+    /// Partitions taken away: nothing more is planned for them, every batch
+    /// in flight is delivered and recorded (batches mix partitions), their
+    /// offsets are committed, and only then are they let go.
+    async fn release(&mut self, partitions: &[i32]) -> Step<()> {
+        self.planner.release(partitions);
+        self.record_in_flight().await?;
+        let mut positions = self.store.input_positions().map_err(failed)?;
+        positions.retain(|p, _| partitions.contains(p));
+        if let Err(error) = self.source.commit(&positions, CommitMode::Sync) {
+            tracing::warn!(%error, "consumer offset commit failed for released partitions; Postgres holds the positions");
+        }
+        self.checkpoint
+            .held
+            .lock()
+            .expect("not poisoned")
+            .retain(|p, _| !partitions.contains(p));
+        let mut unheld = self.checkpoint.unheld.lock().expect("not poisoned");
+        unheld.extend(partitions);
+        drop(unheld);
+        self.recorded
+            .send_modify(|r| r.retain(|p, _| !partitions.contains(p)));
+        for p in partitions {
+            metrics::gauge!("promo_fanout_consumer_lag", "partition" => p.to_string()).set(0.0);
+        }
+        self.source.stop_reading(partitions).map_err(failed)
+    }
+
+    /// Waits until every batch in flight is recorded.
+    async fn record_in_flight(&mut self) -> Step<()> {
+        while !self.committer.is_empty() {
+            let recorded = self.next_recorded().await?;
+            self.recorded(Ok(recorded))?;
+        }
+        Ok(())
+    }
+
     /// The next batch recorded, unless shutdown comes first.
     async fn next_recorded(&mut self) -> Step<Recorded> {
         tokio::select! {
@@ -300,7 +413,14 @@ impl Pipeline {
         let recorded = recorded.map_err(|s| s.map(RunError::Delivery))?;
         self.planner.recorded();
         self.planner.forget(&recorded.refused);
-        self.recorded.send_replace(recorded.batch.positions.clone());
+        let held = self.planner.partitions();
+        self.recorded.send_modify(|r| {
+            for (p, next) in &recorded.batch.positions {
+                if held.contains(p) {
+                    r.insert(*p, *next);
+                }
+            }
+        });
         Ok(())
     }
 }
@@ -331,30 +451,78 @@ async fn drain(
     Ok(())
 }
 
-/// Assigns the input partitions from where each starts (see
-/// [`Source::start_positions`]) and returns the positions to plan from:
-/// those the policy moved forward are committed with the next batch.
-fn assign(
+/// Where each of `partitions` starts (see [`Source::start_positions`]), and
+/// the positions to plan from: those the policy moved forward are committed
+/// with the next batch.
+type Start = (BTreeMap<i32, i64>, BTreeMap<i32, i64>);
+
+fn start_positions(
     settings: &Settings,
     source: &Source,
     store: &Store,
     partitions: &[i32],
-) -> Result<BTreeMap<i32, i64>, RunError> {
-    let stored = store.input_positions()?;
+) -> Result<Start, RunError> {
+    let mut stored = store.input_positions()?;
+    stored.retain(|p, _| partitions.contains(p));
     let start = source.start_positions(
         partitions,
         &stored,
         settings.position_out_of_range,
         Duration::from_secs(10),
     )?;
-    source.assign(&start)?;
     tracing::info!(topic = %source.topic(), ?partitions, ?stored, ?start, "input assigned");
     let mut positions = stored;
     for (p, next) in &start {
         let known = positions.entry(*p).or_insert(*next);
         *known = (*known).max(*next);
     }
-    Ok(positions)
+    Ok((start, positions))
+}
+
+/// Takes `partitions` for this instance and brings the store's state of
+/// each to the durable one in Postgres (see [`crate::partitions`]).
+async fn take_partitions(
+    settings: &Settings,
+    scope: &Scope,
+    store: &Store,
+    partitions: &[i32],
+    shutdown: &CancellationToken,
+) -> Step<BTreeMap<i32, Ownership>> {
+    let retention = settings.sent_retention.as_secs() as i64;
+    let restored = until_done(
+        "take input partitions",
+        || async {
+            let mut client = postgres_connect(&settings.postgres_url)
+                .await
+                .map_err(Failure::Postgres)?;
+            let taken = partitions::take(&client, scope, partitions).await?;
+            partitions::restore(store, &mut client, scope, &taken, retention).await
+        },
+        shutdown,
+        |_| {},
+    )
+    .await
+    .map_err(|s| s.map(RunError::Partitions))?;
+    tracing::info!(
+        instance = %scope.instance,
+        kept = ?restored.kept,
+        seeded = ?restored.seeded,
+        restored = ?restored.restored,
+        "input partitions taken"
+    );
+    Ok(restored.held)
+}
+
+/// Postgres has no such table: the migrations were not applied.
+fn migrate_hint(failure: &Failure) -> &'static str {
+    match failure {
+        Failure::Postgres(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
+        {
+            " (run `promo-fanout migrate` first)"
+        }
+        _ => "",
+    }
 }
 
 async fn connect_postgres(

@@ -35,6 +35,13 @@ pub struct Intake {
     messages: u64,
 }
 
+impl Intake {
+    /// Messages read, not counting any handled before.
+    pub fn messages(&self) -> u64 {
+        self.messages
+    }
+}
+
 /// What the batches planned but not yet recorded hold, so that late
 /// subscribers are decided without waiting for them: the markers they took
 /// and the (campaign, client) pairs they notify.
@@ -109,6 +116,7 @@ impl Planner {
         let campaigns = store
             .campaigns()?
             .into_iter()
+            .filter(|c| positions.contains_key(&c.partition()))
             .map(|c| (fanout::key_of(&c), Arc::new(c)))
             .collect();
         Ok(Planner {
@@ -148,11 +156,12 @@ impl Planner {
             ..Intake::default()
         };
         for m in messages {
-            if intake
-                .positions
-                .get(&m.partition)
-                .is_some_and(|next| m.offset < *next)
-            {
+            let Some(next) = intake.positions.get(&m.partition) else {
+                // Fetched before its partition was revoked: its new holder
+                // reads it.
+                continue;
+            };
+            if m.offset < *next {
                 tracing::debug!(
                     partition = m.partition,
                     offset = m.offset,
@@ -185,7 +194,12 @@ impl Planner {
 
     /// The late-subscriber markers the next batch takes: those no batch in
     /// flight has taken.
+    /// None while the planner holds no partition: there is no campaign to
+    /// tell, and the markers wait for the partitions to come.
     pub fn late_markers(&self) -> Result<Markers, StoreError> {
+        if self.positions.is_empty() {
+            return Ok(Markers::new());
+        }
         let taken = &self.in_flight.markers;
         let mut markers = self.store.late_subscribers(self.budget + taken.len())?;
         markers.retain(|m| !taken.contains(m));
@@ -262,6 +276,33 @@ impl Planner {
     /// the order planned): what it holds is in the store now.
     pub fn recorded(&mut self) {
         self.in_flight.recorded();
+    }
+
+    /// Takes on `partitions` from their positions, with the campaigns the
+    /// store holds for them (restored by their take).
+    pub fn adopt(&mut self, positions: &BTreeMap<i32, i64>) -> Result<(), StoreError> {
+        for c in self.store.campaigns()? {
+            if positions.contains_key(&c.partition()) {
+                self.campaigns.insert(fanout::key_of(&c), Arc::new(c));
+            }
+        }
+        self.positions.extend(positions);
+        Ok(())
+    }
+
+    /// Plans nothing more for `partitions`: their campaigns and positions
+    /// are dropped (the batches already planned still deliver them).
+    pub fn release(&mut self, partitions: &[i32]) {
+        self.campaigns
+            .retain(|_, c| !partitions.contains(&c.partition()));
+        for p in partitions {
+            self.positions.remove(p);
+        }
+    }
+
+    /// The input partitions this planner covers.
+    pub fn partitions(&self) -> Vec<i32> {
+        self.positions.keys().copied().collect()
     }
 
     /// Campaign versions the sinks refused are planned no more, unless a

@@ -1,14 +1,21 @@
-//! The input topic: every partition assigned to this single node, read from
-//! the positions the state store holds (or the group's committed offsets for a
-//! fresh store), in batches.
+//! The input topic: the partitions the consumer group gives this instance,
+//! read in batches from the positions the state store holds (restored from
+//! Postgres when stale, else the group's committed offsets).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::FutureExt;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use std::collections::VecDeque;
+
+pub use rdkafka::consumer::CommitMode;
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -54,8 +61,117 @@ pub struct InputMessage {
 }
 
 pub struct Source {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<Membership>,
     topic: String,
+}
+
+/// A change of this instance's input partitions, decided by the consumer
+/// group and carried out by the batch loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Partitions given to this instance: take them, then read them.
+    Assign(Vec<i32>),
+    /// Partitions taken away: finish what is in flight for them, then let
+    /// them go.
+    Revoke(Vec<i32>),
+    /// Partitions taken away without a rebalance (the session timed out):
+    /// another instance may hold them already.
+    Lost(Vec<i32>),
+}
+
+/// Assigns (or unassigns) `tpl`: incrementally under cooperative
+/// rebalancing, the whole assignment under eager rebalancing.
+fn carry_out<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    assign: bool,
+    tpl: &TopicPartitionList,
+) -> Result<(), KafkaError> {
+    let cooperative = matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    );
+    match (assign, cooperative) {
+        (true, true) => consumer.incremental_assign(tpl),
+        (false, true) => consumer.incremental_unassign(tpl),
+        (true, false) => consumer.assign(tpl),
+        (false, false) => consumer.unassign(),
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        // Dropping the consumer leaves the group, which revokes everything:
+        // from now on a rebalance is carried out at once, and one still
+        // queued is carried out now (librdkafka waits for it to close).
+        let context = self.consumer.context();
+        context
+            .closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for change in self.changes() {
+            let (assign, partitions) = match change {
+                Change::Assign(p) => (true, p),
+                Change::Revoke(p) | Change::Lost(p) => (false, p),
+            };
+            let mut tpl = TopicPartitionList::new();
+            for p in partitions {
+                tpl.add_partition(&self.topic, p);
+            }
+            if let Err(error) = carry_out(&self.consumer, assign, &tpl) {
+                tracing::warn!(%error, "rebalance while closing");
+            }
+        }
+    }
+}
+
+/// The consumer's context. librdkafka reports a rebalance from inside a
+/// poll; rather than (un)assigning there, as rdkafka's default does, the
+/// change is queued for the batch loop, which (un)assigns once it has done
+/// what the change needs ([`Source::changes`], [`Source::start_reading`],
+/// [`Source::stop_reading`]). librdkafka holds the group's rebalance until
+/// then.
+#[derive(Default)]
+pub struct Membership {
+    changes: std::sync::Mutex<VecDeque<Change>>,
+    /// Wakes a batch waiting for input.
+    changed: tokio::sync::Notify,
+    /// The consumer is closing: a rebalance is carried out at once.
+    closing: std::sync::atomic::AtomicBool,
+}
+
+impl ClientContext for Membership {}
+
+impl ConsumerContext for Membership {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        if self.closing.load(std::sync::atomic::Ordering::Relaxed) {
+            // Leaving the group: what was in flight is finished or abandoned.
+            let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+            if let Err(error) = carry_out(consumer, assign, tpl) {
+                tracing::warn!(%error, "rebalance while closing");
+            }
+            return;
+        }
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let change = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Change::Assign(partitions),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS if consumer.assignment_lost() => {
+                Change::Lost(partitions)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Change::Revoke(partitions),
+            other => {
+                let error = RDKafkaErrorCode::from(other);
+                tracing::error!(%error, "the consumer group's rebalance failed");
+                return;
+            }
+        };
+        tracing::info!(?change, "the consumer group rebalances");
+        self.changes.lock().expect("not poisoned").push_back(change);
+        self.changed.notify_one();
+    }
 }
 
 /// The consumer's default `fetch.wait.max.ms` (librdkafka's is 500).
@@ -64,6 +180,22 @@ const FETCH_WAIT_MAX_MS: &str = "10";
 /// The consumer's default `queued.max.messages.kbytes` (librdkafka's is
 /// 65536).
 const QUEUED_MAX_KBYTES: &str = "16384";
+
+/// The group membership's defaults, each overridable with `kafka.<property>`.
+/// Eager `range` assignment: every member lets go of everything before a
+/// rebalance completes, so a partition never has two holders, whatever the
+/// broker's timing. (With `cooperative-sticky` on the tansu broker a
+/// partition was once given to a joining member before its holder had
+/// revoked it: the epoch fence kept Postgres exact, and the holder stopped.)
+/// A dead instance is noticed after 6 s (the smallest session Kafka brokers
+/// accept by default, `group.min.session.timeout.ms`) rather than
+/// librdkafka's 45 s, with a heartbeat every 2 s (a third of it, so that one
+/// lost heartbeat does not end the session).
+const GROUP_DEFAULTS: &[(&str, &str)] = &[
+    ("partition.assignment.strategy", "range"),
+    ("session.timeout.ms", "6000"),
+    ("heartbeat.interval.ms", "2000"),
+];
 
 impl Source {
     pub fn new(settings: &Settings) -> Result<Source, KafkaError> {
@@ -101,10 +233,51 @@ impl Source {
         config
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false");
+        for (property, value) in GROUP_DEFAULTS {
+            if !settings.kafka.contains_key(*property) {
+                config.set(*property, *value);
+            }
+        }
         Ok(Source {
-            consumer: config.create()?,
+            consumer: config.create_with_context(Membership::default())?,
             topic: settings.input_topic.clone(),
         })
+    }
+
+    /// Joins the consumer group on the input topic: partitions come and go
+    /// as [`changes`](Source::changes).
+    pub fn subscribe(&self) -> Result<(), KafkaError> {
+        self.consumer.subscribe(&[&self.topic])
+    }
+
+    /// The rebalances reported since the last call, in order.
+    pub fn changes(&self) -> Vec<Change> {
+        let context = self.consumer.context();
+        context
+            .changes
+            .lock()
+            .expect("not poisoned")
+            .drain(..)
+            .collect()
+    }
+
+    /// Starts reading assigned partitions from `start` (the next offset of
+    /// each): completes a [`Change::Assign`].
+    pub fn start_reading(&self, start: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in start {
+            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next))?;
+        }
+        carry_out(&self.consumer, true, &tpl)
+    }
+
+    /// Stops reading revoked partitions: completes a [`Change::Revoke`].
+    pub fn stop_reading(&self, partitions: &[i32]) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(&self.topic, *p);
+        }
+        carry_out(&self.consumer, false, &tpl)
     }
 
     pub fn topic(&self) -> &str {
@@ -204,19 +377,11 @@ impl Source {
         Ok(out)
     }
 
-    /// Assigns every partition from its start position.
-    pub fn assign(&self, start: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
-        let mut tpl = TopicPartitionList::new();
-        for (p, next) in start {
-            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next))?;
-        }
-        self.consumer.assign(&tpl)
-    }
-
     /// Waits up to `wait` for a first message, then takes what else is
     /// already queued, and what arrives within `linger` once nothing is
     /// (none by default: an action that arrives alone is processed at once),
-    /// `max` messages at most. Read errors are logged and retried; the one
+    /// `max` messages at most; a rebalance ends the wait at once. Read errors
+    /// are logged and retried; the one
     /// error returned is a position that fell out of the retained log under
     /// `position-out-of-range = fail`.
     pub async fn next_batch(
@@ -236,10 +401,17 @@ impl Source {
             let received = match queued {
                 Some(r) => r,
                 None if !out.is_empty() && linger.is_zero() => break,
-                None => match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                    Err(_) => break,
-                    Ok(r) => r,
-                },
+                None => {
+                    let changed = self.consumer.context().changed.notified();
+                    tokio::select! {
+                        r = tokio::time::timeout_at(deadline, self.consumer.recv()) => match r {
+                            Err(_) => break,
+                            Ok(r) => r,
+                        },
+                        // A rebalance is for the batch loop to carry out.
+                        _ = changed => break,
+                    }
+                }
             };
             match received {
                 Ok(m) => {
@@ -275,7 +447,11 @@ impl Source {
 
     /// Tells the group how far this node has got. Only for display and for a
     /// fresh store: the store's positions are the truth.
-    pub fn commit(&self, positions: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
+    pub fn commit(
+        &self,
+        positions: &BTreeMap<i32, i64>,
+        mode: CommitMode,
+    ) -> Result<(), KafkaError> {
         if positions.is_empty() {
             return Ok(());
         }
@@ -283,19 +459,22 @@ impl Source {
         for (p, next) in positions {
             tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next))?;
         }
-        self.consumer.commit(&tpl, CommitMode::Async)
+        self.consumer.commit(&tpl, mode)
     }
 }
 
-/// Publishes the consumer lag per partition (high watermark minus the stored
-/// position; from the low watermark where none is stored yet) every `every`.
+/// How often the consumer-lag thread looks for a change of the partitions
+/// held between two reports.
+const LAG_SLICE: Duration = Duration::from_millis(250);
+
+/// Publishes the consumer lag of each partition this instance holds (high
+/// watermark minus the recorded position) every `every`.
 /// Watermarks are network round trips, so this runs on a thread and client of
 /// its own instead of in the batch loop, until the returned [`LagReporter`]
 /// is stopped or dropped.
 pub fn report_lag(
     settings: &Settings,
     health: std::sync::Arc<crate::infra::health::Health>,
-    partitions: Vec<i32>,
     positions: watch::Receiver<BTreeMap<i32, i64>>,
     every: Duration,
 ) -> Result<LagReporter, KafkaError> {
@@ -308,7 +487,7 @@ pub fn report_lag(
         .name("consumer-lag".into())
         .spawn(move || loop {
             let current = positions.borrow().clone();
-            for p in &partitions {
+            for p in current.keys() {
                 if stopped.try_recv() != Err(std::sync::mpsc::TryRecvError::Empty) {
                     return;
                 }
@@ -323,8 +502,16 @@ pub fn report_lag(
                 metrics::gauge!("promo_fanout_consumer_lag", "partition" => p.to_string())
                     .set((high - next).max(0) as f64);
             }
-            if stopped.recv_timeout(every) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-                return;
+            // Every `every`, or at once when the partitions held change.
+            let deadline = std::time::Instant::now() + every;
+            while std::time::Instant::now() < deadline {
+                let slice = LAG_SLICE.min(deadline - std::time::Instant::now());
+                if stopped.recv_timeout(slice) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                    return;
+                }
+                if !positions.borrow().keys().eq(current.keys()) {
+                    break;
+                }
             }
         })
         .expect("the consumer-lag thread starts");

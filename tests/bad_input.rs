@@ -83,7 +83,7 @@ fn a_dead_letter_the_broker_finds_too_large_is_written_without_its_bytes() {
     let db = Db::migrated();
     let state = tempfile::tempdir().unwrap();
     let mock = MockCluster::new(1).unwrap();
-    let topics = Topics::on_mock(&mock);
+    let topics = Topics::on_mock(&mock, 1);
     let (r, client) = (Uuid::new_v4(), Uuid::new_v4());
     db.subscribe(r, client);
     let big = oversized_action(r);

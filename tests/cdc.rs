@@ -37,6 +37,11 @@ fn wait_mirror_equals_table(db: &Db, state: &std::path::Path) {
     );
 }
 
+/// The slot `run` names after the group and the instance.
+fn slot_of(topics: &Topics) -> String {
+    format!("promo_fanout_{}_{INSTANCE}", topics.group)
+}
+
 fn slot_confirmed(db: &Db) -> String {
     postgres::Client::connect(&admin_url(), postgres::NoTls)
         .unwrap()
@@ -152,7 +157,19 @@ fn a_random_workload_leaves_the_mirror_equal_to_the_table() {
         applied,
         "every applied transaction's freshness is measured"
     );
-    assert_eq!(db.slots(), vec![format!("promo_fanout_{}", topics.group)]);
+    assert_eq!(db.slots(), vec![slot_of(&topics)]);
+    // `promo-fanout group` lists the slot, in use, and who holds the input.
+    let report = group_report(&Service::settings(&db, &topics, state.path()));
+    let slot = report
+        .lines()
+        .find(|l| l.starts_with(&slot_of(&topics)))
+        .unwrap_or_else(|| panic!("the slot is listed: {report}"));
+    assert_eq!(slot.split_whitespace().nth(1), Some("true"), "{report}");
+    let partition = report
+        .lines()
+        .find(|l| l.starts_with("0 "))
+        .unwrap_or_else(|| panic!("partition 0 is listed: {report}"));
+    assert_eq!(partition.split_whitespace().nth(1), Some(INSTANCE));
     assert!(service.stop().success());
 }
 
@@ -280,7 +297,7 @@ fn a_lost_slot_is_replaced_by_a_fresh_snapshot() {
     assert!(service.stop().success());
 
     // An operator (or max_slot_wal_keep_size) removes the slot meanwhile.
-    let slot = format!("promo_fanout_{}", topics.group);
+    let slot = slot_of(&topics);
     db.client()
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .unwrap();
@@ -354,7 +371,7 @@ fn the_snapshot_hands_over_to_the_stream_exactly() {
             &[&(rows as i32)],
         )
         .unwrap();
-    let slot = format!("promo_fanout_{}", topics.group);
+    let slot = slot_of(&topics);
     db.client()
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .unwrap();
@@ -465,7 +482,7 @@ fn a_renamed_slot_replaces_the_old_one() {
     db.new_subscribers(Uuid::new_v4(), 10);
     let mut service = start_cdc(&db, &topics, state.path());
     assert!(service.stop().success());
-    assert_eq!(db.slots(), vec![format!("promo_fanout_{}", topics.group)]);
+    assert_eq!(db.slots(), vec![slot_of(&topics)]);
 
     let renamed = format!("renamed_{}", topics.group);
     let mut service = Service::start(

@@ -184,12 +184,13 @@ fn crash_after_validation() {
 
 #[test]
 fn crash_after_the_postgres_write() {
-    // Postgres committed the first chunk, Kafka had not been asked yet: after
-    // the restart Postgres repeats nothing and the push topic gets each once.
+    // Postgres had the first chunk in a transaction not yet committed, Kafka
+    // had not been asked yet: the rows died with the process, and after the
+    // restart each client is in Postgres and on the push topic once.
     let repeats = crash_in_pipeline("after-postgres", "return", 1, |sinks| {
         assert_eq!(
-            sinks.feedback_rows, 10,
-            "Postgres committed the first chunk"
+            sinks.feedback_rows, 0,
+            "the uncommitted rows were rolled back"
         );
         assert_eq!(sinks.pushed, 0, "Kafka had none of it");
     });
@@ -198,11 +199,24 @@ fn crash_after_the_postgres_write() {
 
 #[test]
 fn crash_after_both_sinks() {
-    // Both sinks had the first chunk; it is sent again, exactly once more.
+    // Kafka had the first chunk, Postgres's transaction was still open: it is
+    // pushed again, exactly once more, and written once.
     let repeats = crash_in_pipeline("after-sinks", "return", 1, |sinks| {
-        assert_eq!((sinks.feedback_rows, sinks.pushed), (10, 10));
+        assert_eq!((sinks.feedback_rows, sinks.pushed), (0, 10));
     });
     assert_eq!(repeats, 10);
+}
+
+#[test]
+fn crash_between_the_postgres_and_the_store_commits() {
+    // Postgres committed the first chunk with its partition's state; the
+    // store did not. The restart finds the store behind Postgres, restores
+    // the partition from Postgres (its campaign, the sent set from the
+    // feedback rows) and repeats nobody.
+    let repeats = crash_in_pipeline("after-postgres-commit", "return", 1, |sinks| {
+        assert_eq!((sinks.feedback_rows, sinks.pushed), (10, 10));
+    });
+    assert_eq!(repeats, 0, "the restored sent set stopped every repeat");
 }
 
 #[test]

@@ -97,7 +97,7 @@ fn a_kafka_outage_is_waited_out() {
     let db = Db::migrated();
     let state = tempfile::tempdir().unwrap();
     let mock = MockCluster::new(1).unwrap();
-    let topics = Topics::on_mock(&mock);
+    let topics = Topics::on_mock(&mock, 1);
     let r = Uuid::new_v4();
     db.new_subscribers(r, 10);
 
@@ -175,7 +175,20 @@ fn a_frozen_broker_is_waited_out() {
 
     let mut args = Service::settings(&db, &topics, state.path());
     Service::set_flag(&mut args, "--brokers", broker.addr.clone());
-    args.extend(["--chunk-size".into(), "50".into()]);
+    // A group session longer than the freeze (librdkafka's own default):
+    // the instance keeps its partition throughout. With the service's 6 s
+    // the session ends during the freeze and the partition is lost; a real
+    // Kafka then gives it back at the rejoin, but tansu 0.6 never answers
+    // the rejoin of a member whose connection was frozen (a bare
+    // confluent-kafka consumer waits forever the same way), so here that
+    // would test the broker. Losing a partition and getting it back is
+    // tested on librdkafka's mock cluster (tests/scale.rs).
+    args.extend([
+        "--chunk-size".into(),
+        "50".into(),
+        "--kafka".into(),
+        "session.timeout.ms=45000".into(),
+    ]);
     let mut service = Service::spawn(args, vec![], state.path());
     service.wait_ready();
 

@@ -129,7 +129,7 @@ struct Gap {
 fn retention_gap() -> Gap {
     let mock = MockCluster::new(1).unwrap();
     let db = Db::migrated();
-    let topics = Topics::on_mock(&mock);
+    let topics = Topics::on_mock(&mock, 1);
     let dir = tempfile::tempdir().unwrap();
     let r = Uuid::new_v4();
     db.new_subscribers(r, 3);

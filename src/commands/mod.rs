@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod dump;
+pub mod group;
 pub mod migrate;
 pub mod rebuild;
 pub mod set_position;

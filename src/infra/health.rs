@@ -17,8 +17,11 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 pub struct Health {
     /// The first snapshot of the mirror is complete.
     pub mirror_loaded: AtomicBool,
-    /// The input topic exists and its partitions are assigned.
+    /// The input topic exists.
     pub input_assigned: AtomicBool,
+    /// The consumer group's first assignment (possibly of no partition) has
+    /// been carried out: the instance reads what it holds.
+    pub joined: AtomicBool,
     /// Feedback rows written to Postgres (and the sink's connection).
     pub feedback: Component,
     /// The change feed's reads of its replication slot.
@@ -64,6 +67,9 @@ impl Health {
             if !component.ok() {
                 out.push(what);
             }
+        }
+        if !self.joined.load(Ordering::Relaxed) {
+            out.push("waiting for the consumer group to assign input partitions");
         }
         if !self.input_assigned.load(Ordering::Relaxed) {
             out.push(

@@ -34,6 +34,9 @@ pub enum Failure {
     /// dead letter is never skipped.
     #[error("the DLQ refuses a dead letter: {0}")]
     DlqRefused(String),
+    /// Another instance holds input partitions this one was recording.
+    #[error(transparent)]
+    Fenced(crate::partitions::Fenced),
 }
 
 impl From<promo_fanout_state::StoreError> for Failure {
@@ -50,6 +53,7 @@ impl Failure {
             Failure::Kafka(_) | Failure::DlqRefused(_) => "kafka",
             Failure::Store(_) => "state",
             Failure::Feed(_) | Failure::Config(_) => "mirror",
+            Failure::Fenced(_) => "fenced",
         }
     }
 }
@@ -113,6 +117,8 @@ pub fn classify(error: &Failure) -> Disposition {
         // The local disk failing is not an outage that passes; nor is a feed
         // this build cannot read, or a setup mistake.
         Failure::Store(_) | Failure::Feed(_) | Failure::Config(_) => Disposition::Fatal,
+        // Waiting does not give the partitions back.
+        Failure::Fenced(_) => Disposition::Fatal,
     }
 }
 

@@ -7,6 +7,6 @@ pub use kafka::{
     kafka_config, producer_max_bytes, push_message_len, DeadLetter, KafkaSink, Outbox, PushMessage,
 };
 pub use postgres::{
-    action_of, connect as postgres_connect, unix, FeedbackSink, Refusals, ACTION_COLUMNS,
+    action_of, connect as postgres_connect, unix, FeedbackSink, Open, Refusals, ACTION_COLUMNS,
     ACTION_COLUMN_COUNT,
 };

@@ -1,17 +1,20 @@
 //! `subscribers_feedback`: one idempotent transaction per batch, in which the
 //! campaigns whose rows Postgres refuses (a constraint, a trigger, a value
-//! out of range) are isolated and left out, and the rest written.
+//! out of range) are isolated and left out, and the rest written; committed
+//! with the state of the batch's partitions once its pushes are acknowledged.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use promo_fanout_state::Action;
-use tokio::sync::Mutex;
+use promo_fanout_state::{Action, Ownership};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_postgres::{Client, GenericClient, NoTls};
 use uuid::Uuid;
 
 use crate::fanout::{key_of, CampaignKey, Notification};
 use crate::infra::retry::{classify, postgres_text, Disposition, Failure};
+use crate::partitions::{self, Scope};
 
 /// Campaigns a sink refused for what is in them, with the sink's reason.
 pub type Refusals = BTreeMap<CampaignKey, String>;
@@ -54,11 +57,23 @@ pub fn action_of(row: &tokio_postgres::Row) -> Action {
 
 /// Writes feedback rows over a few connections, one per batch in flight;
 /// each reconnects by itself after an error.
+///
+/// A batch's rows are written in a transaction that stays [`Open`] while
+/// its pushes are produced, and is committed with the state of the batch's
+/// partitions (see [`crate::partitions`]) when the batch is recorded: a
+/// feedback row is durable only once its push is, and only together with
+/// the state that says it was sent.
 pub struct FeedbackSink {
     url: String,
     /// `None` after a connection error, until the next write reconnects.
-    clients: Vec<Mutex<Option<Client>>>,
+    clients: Vec<Arc<Mutex<Option<Client>>>>,
 }
+
+/// How long a batch's transaction may wait on the broker.
+const IDLE_IN_TRANSACTION: &str = "SET idle_in_transaction_session_timeout = '60s'";
+
+/// A connection of the sink, taken for one batch.
+type Connection = OwnedMutexGuard<Option<Client>>;
 
 pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
@@ -74,13 +89,28 @@ pub fn unix(secs: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(secs, 0).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// A batch's feedback rows, written in a transaction not yet committed. If
+/// dropped uncommitted (the batch failed or was abandoned), its connection
+/// is closed, which rolls the transaction back.
+pub struct Open {
+    connection: Option<Connection>,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(mut connection) = self.connection.take() {
+            *connection = None;
+        }
+    }
+}
+
 impl FeedbackSink {
     /// Connects the first of `connections` (at least one) now, to check the
     /// database is there; the others connect on first use.
     pub async fn connect(url: &str, connections: usize) -> Result<FeedbackSink, Failure> {
         let first = connect(url).await.map_err(Failure::Postgres)?;
-        let clients = std::iter::once(Mutex::new(Some(first)))
-            .chain((1..connections.max(1)).map(|_| Mutex::new(None)))
+        let clients = std::iter::once(Arc::new(Mutex::new(Some(first))))
+            .chain((1..connections.max(1)).map(|_| Arc::new(Mutex::new(None))))
             .collect();
         Ok(FeedbackSink {
             url: url.to_owned(),
@@ -88,52 +118,113 @@ impl FeedbackSink {
         })
     }
 
-    /// Inserts one row per notification in one transaction; rows already
-    /// there are left alone. The rows of a campaign Postgres refuses for
-    /// their content are left out, and the campaign returned with the reason.
-    pub async fn write(&self, batch: &[&Notification]) -> Result<Refusals, Failure> {
-        if batch.is_empty() {
-            return Ok(Refusals::new());
-        }
-        // A free connection; with as many connections as batches in flight
-        // there is one, the wait on the first is only a fallback.
-        let mut guard = match self.clients.iter().find_map(|c| c.try_lock().ok()) {
+    /// A free connection, connected. With as many connections as batches in
+    /// flight one is free; waiting for the first to be freed is a fallback.
+    async fn connection(&self) -> Result<Connection, Failure> {
+        let free = self
+            .clients
+            .iter()
+            .find_map(|c| c.clone().try_lock_owned().ok());
+        let mut guard = match free {
             Some(guard) => guard,
-            None => self.clients[0].lock().await,
+            None => {
+                let waits = self
+                    .clients
+                    .iter()
+                    .map(|c| Box::pin(c.clone().lock_owned()));
+                futures::future::select_all(waits).await.0
+            }
         };
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(connect(&self.url).await.map_err(Failure::Postgres)?);
+            let client = connect(&self.url).await.map_err(Failure::Postgres)?;
+            // A batch's transaction waits on the broker; one left idle
+            // longer (an outage, an instance frozen and fenced meanwhile) is
+            // ended by the server, releasing its row locks, and the batch
+            // commits through a new one.
+            client
+                .batch_execute(IDLE_IN_TRANSACTION)
+                .await
+                .map_err(Failure::Postgres)?;
+            *guard = Some(client);
         }
-        let client = guard.as_mut().expect("connected above");
-        let result = write_isolating(client, batch).await;
-        if result.is_err() {
-            // The connection's state is unknown: start afresh next time.
-            *guard = None;
-        }
-        result
+        Ok(guard)
+    }
+
+    /// Begins a batch's transaction and inserts one row per notification;
+    /// rows already there are left alone. The rows of a campaign Postgres
+    /// refuses for their content are left out, and the campaign returned
+    /// with the reason.
+    pub async fn begin(&self, batch: &[&Notification]) -> Result<(Open, Refusals), Failure> {
+        // Wrapped at once: dropped anywhere before the commit, it closes
+        // the connection, and the transaction with it.
+        let mut open = Open {
+            connection: Some(self.connection().await?),
+        };
+        let refused = write_isolating(open.client(), batch).await?;
+        Ok((open, refused))
+    }
+
+    /// Writes the batch's partition state and commits: in the transaction
+    /// `open` began, or, when there is none (nothing to notify, or an
+    /// earlier attempt failed), in a new one that first inserts `rows`
+    /// again (idempotently). Returns each touched partition's new hold.
+    pub async fn commit(
+        &self,
+        open: Option<Open>,
+        rows: &[&Notification],
+        scope: &Scope,
+        held: &BTreeMap<i32, Ownership>,
+        record: &partitions::Record,
+    ) -> Result<BTreeMap<i32, Ownership>, Failure> {
+        let pg = Failure::Postgres;
+        let mut open = match open {
+            Some(open) => open,
+            None => {
+                let mut open = Open {
+                    connection: Some(self.connection().await?),
+                };
+                let client = open.client();
+                client.batch_execute("BEGIN").await.map_err(pg)?;
+                if !rows.is_empty() {
+                    insert(client, &Rows::new(rows.iter().copied()))
+                        .await
+                        .map_err(pg)?;
+                }
+                open
+            }
+        };
+        let client = open.client();
+        let held = partitions::write(client, scope, held, record).await?;
+        client.batch_execute("COMMIT").await.map_err(pg)?;
+        // Committed: the connection goes back to the sink as it is.
+        open.connection.take();
+        Ok(held)
     }
 }
 
-/// The whole batch in one statement; only when Postgres refuses it for its
-/// content, again campaign by campaign (halving, each half under a
-/// savepoint) until the refused ones are found.
-async fn write_isolating(
-    client: &mut Client,
-    batch: &[&Notification],
-) -> Result<Refusals, Failure> {
+impl Open {
+    fn client(&mut self) -> &mut Client {
+        self.connection
+            .as_mut()
+            .and_then(|c| c.as_mut())
+            .expect("an open transaction has its connection")
+    }
+}
+
+/// The whole batch in one statement, in a transaction left open; only when
+/// Postgres refuses it for its content, again campaign by campaign (halving,
+/// each half under a savepoint) until the refused ones are found.
+async fn write_isolating(client: &Client, batch: &[&Notification]) -> Result<Refusals, Failure> {
     let pg = Failure::Postgres;
-    let tx = client.transaction().await.map_err(pg)?;
-    let error = match insert(&tx, &Rows::new(batch.iter().copied())).await {
-        Ok(_) => {
-            tx.commit().await.map_err(pg)?;
-            return Ok(Refusals::new());
-        }
+    client.batch_execute("BEGIN").await.map_err(pg)?;
+    let error = match insert(client, &Rows::new(batch.iter().copied())).await {
+        Ok(_) => return Ok(Refusals::new()),
         Err(e) => Failure::Postgres(e),
     };
     if classify(&error) != Disposition::Refuse {
         return Err(error);
     }
-    tx.rollback().await.map_err(pg)?;
+    client.batch_execute("ROLLBACK; BEGIN").await.map_err(pg)?;
     tracing::warn!(%error, notifications = batch.len(), "postgres refused a batch for its content; isolating the campaigns it refuses");
 
     let mut by_campaign: BTreeMap<CampaignKey, Vec<&Notification>> = BTreeMap::new();
@@ -141,24 +232,28 @@ async fn write_isolating(
         by_campaign.entry(key_of(&n.campaign)).or_default().push(n);
     }
     let groups: Vec<(CampaignKey, Vec<&Notification>)> = by_campaign.into_iter().collect();
-    let tx = client.transaction().await.map_err(pg)?;
     let mut refused = Refusals::new();
     let mut todo = vec![&groups[..]];
     while let Some(part) = todo.pop() {
-        // By hand: a savepoint rolled back is then released, so that
-        // savepoints do not nest one per halving.
-        tx.batch_execute("SAVEPOINT isolate").await.map_err(pg)?;
+        // A savepoint rolled back is then released, so that savepoints do
+        // not nest one per halving.
+        client
+            .batch_execute("SAVEPOINT isolate")
+            .await
+            .map_err(pg)?;
         let rows = Rows::new(part.iter().flat_map(|(_, rows)| rows.iter().copied()));
-        let error = match insert(&tx, &rows).await {
+        let error = match insert(client, &rows).await {
             Ok(_) => {
-                tx.batch_execute("RELEASE SAVEPOINT isolate")
+                client
+                    .batch_execute("RELEASE SAVEPOINT isolate")
                     .await
                     .map_err(pg)?;
                 continue;
             }
             Err(e) => e,
         };
-        tx.batch_execute("ROLLBACK TO SAVEPOINT isolate; RELEASE SAVEPOINT isolate")
+        client
+            .batch_execute("ROLLBACK TO SAVEPOINT isolate; RELEASE SAVEPOINT isolate")
             .await
             .map_err(pg)?;
         let reason = format!("postgres refused it: {}", postgres_text(&error));
@@ -177,7 +272,6 @@ async fn write_isolating(
             }
         }
     }
-    tx.commit().await.map_err(pg)?;
     Ok(refused)
 }
 

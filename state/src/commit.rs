@@ -3,7 +3,7 @@
 
 use uuid::Uuid;
 
-use crate::{codec, keys, store::Table, Campaign, MirrorPosition, Subscription};
+use crate::{codec, keys, store::Table, Campaign, MirrorPosition, Ownership, Subscription};
 
 pub(crate) enum Op {
     Put(Table, Vec<u8>, Vec<u8>),
@@ -69,6 +69,36 @@ impl Commit {
             Table::Positions,
             keys::input_position(partition).to_vec(),
             codec::encode(&next_offset),
+        ));
+    }
+
+    /// The hold on `partition` this store's state of it is now.
+    pub fn set_ownership(&mut self, partition: i32, ownership: Ownership) {
+        self.ops.push(Op::Put(
+            Table::Positions,
+            keys::ownership(partition).to_vec(),
+            codec::encode(&ownership),
+        ));
+    }
+
+    /// The store's state of `partition` is no longer exactly a durable one.
+    pub fn forget_ownership(&mut self, partition: i32) {
+        self.ops.push(Op::Delete(
+            Table::Positions,
+            keys::ownership(partition).to_vec(),
+        ));
+    }
+
+    /// Forgets the input position of `partition` and the hold on it, before
+    /// its state is restored.
+    pub fn release_partition(&mut self, partition: i32) {
+        self.ops.push(Op::Delete(
+            Table::Positions,
+            keys::input_position(partition).to_vec(),
+        ));
+        self.ops.push(Op::Delete(
+            Table::Positions,
+            keys::ownership(partition).to_vec(),
         ));
     }
 

@@ -5,8 +5,8 @@ use uuid::Uuid;
 
 use crate::codec::{decode, hex};
 use crate::{
-    keys, Action, Campaign, Identity, MirrorMode, MirrorPosition, Origin, Progress, Store,
-    StoreError, Table,
+    keys, Action, Campaign, Identity, MirrorMode, MirrorPosition, Origin, Ownership, Progress,
+    Store, StoreError, Table,
 };
 
 /// One stored entry, in the shape `state dump` prints it (with a `table` field).
@@ -87,6 +87,11 @@ pub enum PositionEntry {
     Input {
         partition: i32,
         next_offset: i64,
+    },
+    Ownership {
+        partition: i32,
+        epoch: i64,
+        version: i64,
     },
     Mirror {
         mode: &'static str,
@@ -180,6 +185,14 @@ fn decode_entry(table: Table, k: &[u8], v: &[u8]) -> Result<Entry, StoreError> {
                 partition: keys::from_ordered_i32(&k[1..]),
                 next_offset: decode(name, k, v)?,
             }),
+            (Some(&keys::OWNERSHIP), 5) => {
+                let o: Ownership = decode(name, k, v)?;
+                Entry::Positions(PositionEntry::Ownership {
+                    partition: keys::from_ordered_i32(&k[1..]),
+                    epoch: o.epoch,
+                    version: o.version,
+                })
+            }
             (Some(&keys::MIRROR_POSITION), 1) => {
                 Entry::Positions(decode::<MirrorPosition>(name, k, v)?.into())
             }

@@ -18,6 +18,8 @@ pub(crate) const CAMPAIGN: u8 = 0x01;
 pub(crate) const INPUT_POSITION: u8 = 0x01;
 /// `positions`: where the subscription mirror stands.
 pub(crate) const MIRROR_POSITION: u8 = 0x02;
+/// `positions`: which hold on an input partition this store's state is of.
+pub(crate) const OWNERSHIP: u8 = 0x03;
 /// `meta` keys.
 pub(crate) const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub(crate) const META_IDENTITY: &[u8] = b"identity";
@@ -121,6 +123,14 @@ pub(crate) fn sent_range(restaurant: Uuid, campaign: Uuid) -> ([u8; 48], [u8; 48
 }
 
 /// `[0x01][partition]`
+/// `[0x03][partition]`
+pub(crate) fn ownership(partition: i32) -> [u8; 5] {
+    let mut k = [0u8; 5];
+    k[0] = OWNERSHIP;
+    k[1..5].copy_from_slice(&ordered_i32(partition));
+    k
+}
+
 pub(crate) fn input_position(partition: i32) -> [u8; 5] {
     let mut k = [0u8; 5];
     k[0] = INPUT_POSITION;

@@ -15,7 +15,7 @@ pub use commit::Commit;
 pub use dump::{lsn_text, Entry};
 pub use error::StoreError;
 pub use records::{
-    Action, Campaign, Identity, MirrorMode, MirrorPosition, Origin, Progress, Subscription,
-    SCHEMA_VERSION,
+    Action, Campaign, Identity, MirrorMode, MirrorPosition, Origin, Ownership, Progress,
+    Subscription, SCHEMA_VERSION,
 };
 pub use store::{Store, Subscribers, Table};

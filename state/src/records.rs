@@ -57,6 +57,25 @@ pub struct Campaign {
     pub origin: Option<Origin>,
 }
 
+impl Campaign {
+    /// The input partition the campaign belongs to: the one whose message
+    /// carried it (partition 0 for a campaign stored without an origin).
+    pub fn partition(&self) -> i32 {
+        self.origin.map_or(0, |o| o.partition)
+    }
+}
+
+/// Which hold on an input partition a store's state of it is: the epoch the
+/// instance took the partition under, and how many batches had been recorded
+/// for it (here and in Postgres's `promo_fanout_partitions`) when the state
+/// was written. A store whose ownership equals the durable one holds exactly
+/// the durable state; any other is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ownership {
+    pub epoch: i64,
+    pub version: i64,
+}
+
 /// An input message's coordinates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Origin {

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::codec::{decode, encode};
 use crate::commit::{Commit, Op};
-use crate::{keys, Campaign, Identity, MirrorPosition, StoreError, SCHEMA_VERSION};
+use crate::{keys, Campaign, Identity, MirrorPosition, Ownership, StoreError, SCHEMA_VERSION};
 
 /// The column families, in the order `state dump` prints them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -426,13 +426,26 @@ impl Store {
 
     /// The next offset to read per input partition.
     pub fn input_positions(&self) -> Result<BTreeMap<i32, i64>, StoreError> {
+        self.per_partition(keys::INPUT_POSITION)
+    }
+
+    /// The hold on each input partition this store's state is of.
+    pub fn ownerships(&self) -> Result<BTreeMap<i32, Ownership>, StoreError> {
+        self.per_partition(keys::OWNERSHIP)
+    }
+
+    /// The `positions` entries of one kind, keyed `[kind][partition]`.
+    fn per_partition<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: u8,
+    ) -> Result<BTreeMap<i32, T>, StoreError> {
         let mut out = BTreeMap::new();
         for item in self
             .db
-            .prefix_iterator_cf(self.cf(Table::Positions), [keys::INPUT_POSITION])
+            .prefix_iterator_cf(self.cf(Table::Positions), [kind])
         {
             let (k, v) = item?;
-            if k.first() != Some(&keys::INPUT_POSITION) {
+            if k.first() != Some(&kind) {
                 break;
             }
             out.insert(

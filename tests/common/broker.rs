@@ -38,9 +38,11 @@ impl Topics {
         Topics::on(&brokers(), partitions)
     }
 
-    /// Fresh one-partition topics on librdkafka's mock cluster.
+    /// Fresh topics on librdkafka's mock cluster, the input with
+    /// `partitions` partitions.
     pub fn on_mock<C: rdkafka::ClientContext>(
         mock: &rdkafka::mocking::MockCluster<'_, C>,
+        partitions: i32,
     ) -> Topics {
         let t = Topics {
             input: unique("actions"),
@@ -48,7 +50,8 @@ impl Topics {
             dlq: unique("dlq"),
             group: unique("group"),
         };
-        for name in [&t.input, &t.output, &t.dlq] {
+        mock.create_topic(&t.input, partitions, 1).unwrap();
+        for name in [&t.output, &t.dlq] {
             mock.create_topic(name, 1, 1).unwrap();
         }
         t

@@ -15,6 +15,9 @@ use super::{brokers, wait_for, Db, Topics};
 pub const BIN: &str = env!("CARGO_BIN_EXE_promo-fanout");
 
 /// The service as a child process.
+/// The `instance-id` [`Service::settings`] gives.
+pub const INSTANCE: &str = "one";
+
 pub struct Service {
     pub child: Child,
     /// Where it serves /metrics: it binds port 0 and logs the address.
@@ -41,6 +44,8 @@ impl Service {
             topics.dlq.clone(),
             "--group-id".into(),
             topics.group.clone(),
+            "--instance-id".into(),
+            INSTANCE.into(),
             "--refresh-interval".into(),
             "1s".into(),
         ]
@@ -218,6 +223,21 @@ fn bound_address(line: &str) -> Option<String> {
     }
     let at = plain.find("metrics_addr=")? + "metrics_addr=".len();
     plain[at..].split_whitespace().next().map(str::to_owned)
+}
+
+/// `promo-fanout group` with these settings: its report.
+pub fn group_report(settings: &[String]) -> String {
+    let out = Command::new(BIN)
+        .arg("group")
+        .args(settings)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "group failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// `promo-fanout state dump` as parsed JSON lines.
