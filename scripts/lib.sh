@@ -9,13 +9,15 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 say() { printf '==> %s\n' "$*" >&2; }
 
-# Debian packages the build needs: libclang for rocksdb's bindings, kcat for
-# looking at topics by hand.
+# Debian packages the build and the tests need: libclang for rocksdb's
+# bindings, kcat for looking at topics by hand, prometheus (and its promtool)
+# for the alert rules' tests and the scrape test.
 ensure_packages() {
   local missing=()
   ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so' || [ -e /usr/lib/llvm-14/lib/libclang.so ] || missing+=(libclang-dev)
   command -v cmake >/dev/null || true
   command -v kcat >/dev/null || missing+=(kcat)
+  command -v promtool >/dev/null || missing+=(prometheus)
   command -v pg_ctl >/dev/null || [ -x /usr/lib/postgresql/15/bin/pg_ctl ] || missing+=(postgresql)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"

@@ -6,6 +6,9 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 start_test_services
+say "alert rules (promtool)"
+promtool check config deploy/prometheus/prometheus.yml
+promtool test rules deploy/prometheus/alerts_test.yml
 say "cargo fmt / clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings

@@ -418,6 +418,21 @@ impl Sorted {
     }
 }
 
+/// The counters the alert rules compare, shown at 0 from the start (a
+/// counter appears on `/metrics` only once touched, and a rate needs a
+/// series before the first event).
+pub fn register_counters() {
+    for name in [
+        "promo_fanout_messages_consumed_total",
+        "promo_fanout_messages_invalid_total",
+        "promo_fanout_actions_eligible_total",
+        "promo_fanout_notifications_sent_total",
+        "promo_fanout_batches_committed_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+}
+
 /// A recorded batch's counts, to the metrics and, if it did anything, the log.
 fn report(batch: &Batch) {
     let tally = batch.plan.tally;

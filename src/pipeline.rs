@@ -103,6 +103,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let store = Arc::new(Store::open(settings.state_dir(), &identity(&settings))?);
     let health = Arc::new(Health::default());
     let server = MetricsServer::start(&settings, &health, &shutdown).await?;
+    // After the recorder is installed by the server's start.
+    crate::checkpoint::register_counters();
     tracing::info!(
         state_dir = %settings.state_dir.display(),
         brokers = %settings.brokers,
@@ -303,24 +305,26 @@ impl Pipeline {
     /// [`adopt`](Pipeline::adopt), [`release`](Pipeline::release)).
     async fn rebalance(&mut self, change: Change) -> Step<()> {
         let started = std::time::Instant::now();
-        let (kind, partitions) = match &change {
-            Change::Assign(p) => ("assign", p.clone()),
-            Change::Revoke(p) | Change::Lost(p) => ("revoke", p.clone()),
-        };
-        match change {
+        let kind = change.kind();
+        let partitions = match &change {
             Change::Assign(p) => {
-                self.adopt(&p).await?;
+                self.adopt(p).await?;
                 let health = &self.checkpoint.health;
                 health.joined.store(true, Ordering::Relaxed);
+                p
             }
-            Change::Revoke(p) => self.release(&p).await?,
+            Change::Revoke(p) => {
+                self.release(p).await?;
+                p
+            }
             Change::Lost(p) => {
                 // Another instance may hold them already: then their batches
                 // in flight are fenced, and the service stops.
                 tracing::warn!(partitions = ?p, "the consumer group says this instance lost partitions (its session or generation expired); letting them go");
-                self.release(&p).await?
+                self.release(p).await?;
+                p
             }
-        }
+        };
         let held = self.planner.partitions();
         let took = started.elapsed();
         metrics::counter!("promo_fanout_rebalances_total", "kind" => kind).increment(1);

@@ -79,6 +79,17 @@ pub enum Change {
     Lost(Vec<i32>),
 }
 
+impl Change {
+    /// The change's name in metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Assign(_) => "assign",
+            Change::Revoke(_) => "revoke",
+            Change::Lost(_) => "lost",
+        }
+    }
+}
+
 /// Assigns (or unassigns) `tpl`: incrementally under cooperative
 /// rebalancing, the whole assignment under eager rebalancing.
 fn carry_out<C: ConsumerContext>(

@@ -245,6 +245,42 @@ fn the_survivor_of_a_kill_finishes_the_killed_instances_partitions() {
     );
 }
 
+/// The group session ends while the broker is unreachable for longer than
+/// `session.timeout.ms` in the middle of a fan-out: the partitions are
+/// reported lost and let go, and when the broker is back the instance
+/// rejoins, takes them again and finishes, every notification once in
+/// Postgres. On the mock cluster: tansu 0.6 never answers such a rejoin
+/// (see `a_frozen_broker_is_waited_out` in tests/outage.rs).
+#[test]
+fn an_instance_whose_session_ends_takes_its_partitions_again() {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let topics = Topics::on_mock(&mock, PARTITIONS);
+    let fanout = Fanout::on(mock.bootstrap_servers(), topics, 4, 10_000);
+    let a = fanout.instance("a");
+    wait_held(&[&a], &[4.0]);
+
+    fanout.produce();
+    fanout.wait_rows(5_000);
+    // Down for three sessions (the service's session.timeout.ms is 6 s).
+    // The loss is reported at the first poll after the broker is back: until
+    // then the batches in flight wait for their acknowledgements.
+    mock.broker_down(1).unwrap();
+    std::thread::sleep(Duration::from_secs(18));
+    mock.broker_up(1).unwrap();
+    wait_for("the group session's end to be reported", WAIT, || {
+        a.logged("lost partitions").then_some(())
+    });
+
+    let repeats = fanout.finished();
+    assert!(
+        repeats <= CHUNK * DEPTH,
+        "{repeats} push repeats: more than the batches in flight"
+    );
+    wait_held(&[&a], &[4.0]);
+    let lost = a.metric("promo_fanout_rebalances_total{kind=\"lost\"}");
+    assert_eq!(lost, 1.0, "the loss is counted once");
+}
+
 #[test]
 fn a_third_instance_joins_while_batches_are_in_flight() {
     let fanout = Fanout::new(8, 12_500);

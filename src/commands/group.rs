@@ -5,6 +5,7 @@
 use std::fmt;
 
 use crate::config::Settings;
+use crate::mirror::slots::{group_slots, Slot};
 use crate::sinks::postgres_connect;
 
 /// One input partition's durable state.
@@ -17,16 +18,6 @@ pub struct Partition {
     pub next_offset: Option<i64>,
 }
 
-/// One replication slot of the group.
-#[derive(Debug)]
-pub struct Slot {
-    pub name: String,
-    pub active: bool,
-    /// WAL the slot keeps from being removed (current position − restart).
-    pub wal_kept_bytes: Option<i64>,
-    pub wal_status: Option<String>,
-}
-
 #[derive(Debug, Default)]
 pub struct Report {
     pub partitions: Vec<Partition>,
@@ -36,11 +27,6 @@ pub struct Report {
 const PARTITIONS: &str = "\
 SELECT partition, owner, epoch, version, next_offset FROM promo_fanout_partitions
 WHERE group_id = $1 AND topic = $2 ORDER BY partition";
-
-const SLOTS: &str = "\
-SELECT slot_name::text, active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8,
-       wal_status
-FROM pg_replication_slots WHERE database = current_database() ORDER BY slot_name";
 
 pub async fn group(settings: &Settings) -> anyhow::Result<Report> {
     let client = postgres_connect(&settings.postgres_url)
@@ -65,19 +51,7 @@ pub async fn group(settings: &Settings) -> anyhow::Result<Report> {
             next_offset: r.get(4),
         })
         .collect();
-    let prefix = settings.group_slot_prefix();
-    let slots = client
-        .query(SLOTS, &[])
-        .await?
-        .iter()
-        .map(|r| Slot {
-            name: r.get(0),
-            active: r.get(1),
-            wal_kept_bytes: r.get(2),
-            wal_status: r.get(3),
-        })
-        .filter(|s| s.name.starts_with(&prefix) || settings.cdc_slot.as_ref() == Some(&s.name))
-        .collect();
+    let slots = group_slots(&client, settings).await?;
     Ok(Report { partitions, slots })
 }
 

@@ -121,9 +121,14 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route(
             "/metrics",
-            get(move || {
+            get(move |State(health): State<Arc<Health>>| {
                 let metrics = metrics.clone();
-                async move { metrics.render() }
+                async move {
+                    // Readiness as a metric, read at the scrape, for the
+                    // not-ready alert.
+                    metrics::gauge!("promo_fanout_ready").set(f64::from(u8::from(health.ready())));
+                    metrics.render()
+                }
             }),
         )
         .with_state(health);

@@ -14,6 +14,7 @@ pub mod cdc;
 pub mod changes;
 pub mod pgoutput;
 pub mod refresh;
+pub mod slots;
 pub mod stream;
 
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub enum StartError {
 /// The mirror, loaded and kept current in the background until shutdown.
 pub struct Follower {
     task: AbortOnDropHandle<Result<(), Failure>>,
+    /// Reports the WAL kept by the group's replication slots.
+    _slots: AbortOnDropHandle<()>,
 }
 
 impl Follower {
@@ -115,8 +118,10 @@ pub async fn start(
             Ok(())
         })
     };
+    let slots = tokio::spawn(slots::report(settings.clone(), shutdown.clone()));
     Ok(Follower {
         task: AbortOnDropHandle::new(task),
+        _slots: AbortOnDropHandle::new(slots),
     })
 }
 

@@ -361,10 +361,10 @@ pub fn signal(child: &Child, sig: Signal) {
     kill(Pid::from_raw(child.id() as i32), sig).unwrap();
 }
 
-/// A loopback port free now. Only for tansu, which cannot report the port it
-/// binds: another process may take it before tansu does (the service binds
-/// port 0 and reports its address instead).
-fn free_port() -> u16 {
+/// A loopback port free now. Only for tansu and Prometheus, which cannot
+/// report the port they bind: another process may take it first (the service
+/// binds port 0 and reports its address instead).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

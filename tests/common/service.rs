@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -22,6 +22,8 @@ pub struct Service {
     pub child: Child,
     /// Where it serves /metrics: it binds port 0 and logs the address.
     metrics: Arc<OnceLock<String>>,
+    /// Its log lines so far, colours removed.
+    log: Arc<Mutex<Vec<String>>>,
     pub state_dir: PathBuf,
     args: Vec<String>,
     envs: Vec<(String, String)>,
@@ -90,10 +92,12 @@ impl Service {
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let metrics = Arc::new(OnceLock::new());
-        relay_logs(child.stderr.take().unwrap(), metrics.clone());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        relay_logs(child.stderr.take().unwrap(), metrics.clone(), log.clone());
         Service {
             child,
             metrics,
+            log,
             state_dir: state_dir.to_owned(),
             args,
             envs,
@@ -126,6 +130,16 @@ impl Service {
         );
         *self = next;
         self.wait_ready();
+    }
+
+    /// Whether a log line so far contains `needle`.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    /// Where the service serves /metrics, once it listens.
+    pub fn metrics_addr(&self) -> Option<String> {
+        self.metrics.get().cloned()
     }
 
     /// GET `path` from the service's HTTP endpoint: (status, body); `None`
@@ -189,29 +203,30 @@ impl Drop for Service {
     }
 }
 
-/// Copies the service's log to the test's stderr, and takes from it the
-/// address the metrics endpoint bound.
-fn relay_logs(stderr: ChildStderr, metrics: Arc<OnceLock<String>>) {
+/// Copies the service's log to the test's stderr and keeps it, and takes
+/// from it the address the metrics endpoint bound.
+fn relay_logs(stderr: ChildStderr, metrics: Arc<OnceLock<String>>, log: Arc<Mutex<Vec<String>>>) {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { return };
             eprintln!("{line}");
+            let line = plain(&line);
             if metrics.get().is_none() {
                 if let Some(addr) = bound_address(&line) {
                     let _ = metrics.set(addr);
                 }
             }
+            log.lock().unwrap().push(line);
         }
     });
 }
 
-/// The `metrics_addr=` field of a log line, colours removed.
-fn bound_address(line: &str) -> Option<String> {
+/// A log line with its ANSI colours (ESC [ ... m) removed.
+fn plain(line: &str) -> String {
     let mut plain = String::with_capacity(line.len());
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
         if c == '\u{1b}' {
-            // An ANSI colour: ESC [ ... m
             for c in chars.by_ref() {
                 if c == 'm' {
                     break;
@@ -221,8 +236,13 @@ fn bound_address(line: &str) -> Option<String> {
             plain.push(c);
         }
     }
-    let at = plain.find("metrics_addr=")? + "metrics_addr=".len();
-    plain[at..].split_whitespace().next().map(str::to_owned)
+    plain
+}
+
+/// The `metrics_addr=` field of a log line.
+fn bound_address(line: &str) -> Option<String> {
+    let at = line.find("metrics_addr=")? + "metrics_addr=".len();
+    line[at..].split_whitespace().next().map(str::to_owned)
 }
 
 /// `promo-fanout group` with these settings: its report.
