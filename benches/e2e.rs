@@ -351,7 +351,12 @@ impl Bench {
         let child = Command::new(BIN)
             .arg("run")
             .args(flags)
-            .args(["--brokers", &self.brokers, "--postgres-url", url])
+            .args([
+                "--brokers",
+                &self.brokers,
+                "--postgres-url",
+                &plaintext(url),
+            ])
             .args(["--state-dir", state.to_str().unwrap()])
             .args(["--input-topic", &t.input, "--output-topic", &t.output])
             .args(["--dlq-topic", &t.dlq, "--group-id", group])
@@ -1108,4 +1113,11 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(u64
         .draw()
         .unwrap();
     root.present().unwrap();
+}
+
+/// `url` without TLS, as the raw baselines the service is compared with
+/// connect (the default `sslmode=prefer` would encrypt even on loopback).
+fn plaintext(url: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}sslmode=disable")
 }

@@ -42,7 +42,7 @@ fn main() {
     let mut child = Command::new(BIN)
         .arg("run")
         .args(["--brokers", &mock.bootstrap_servers()])
-        .args(["--postgres-url", &url])
+        .args(["--postgres-url", &format!("{url}?sslmode=disable")])
         .args(["--state-dir", state.path().to_str().unwrap()])
         .args([
             "--input-topic",

@@ -13,17 +13,20 @@ use figment::value::{Dict, Value};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub mod help;
+
 /// How the subscription mirror is kept current.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum MirrorMode {
-    /// `cdc` when the server allows it, else `refresh` (with a log line
-    /// saying what is missing).
+    /// cdc when the server allows it, else refresh, with a log line naming
+    /// what is missing
     Auto,
-    /// Postgres logical replication (needs `wal_level=logical`, the
-    /// REPLICATION attribute and the publication `migrate` creates).
+    /// a snapshot, then Postgres logical replication (needs
+    /// wal_level=logical, the REPLICATION attribute and the publication
+    /// migrate creates)
     Cdc,
-    /// A snapshot, then a re-read of the table every `refresh-interval`.
+    /// a snapshot, then a re-read of the table every refresh-interval
     Refresh,
 }
 
@@ -32,11 +35,11 @@ pub enum MirrorMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum OutOfRange {
-    /// Stop with an error naming the partition and the gap.
+    /// stop, naming the partition and how many messages were lost
     Fail,
-    /// Resume from the oldest message still held (the gap is lost).
+    /// resume at the oldest message still held (the gap is lost)
     Earliest,
-    /// Resume from the end of the partition (everything unread is skipped).
+    /// resume at the end of the partition (everything unread is skipped)
     Latest,
 }
 
@@ -195,91 +198,125 @@ fn default_instance_id() -> String {
         .unwrap_or_else(|| "promo-fanout".into())
 }
 
-/// The settings given as flags: only those present override the layers below.
+// The settings given as flags: only those present override the layers below.
+//
+// Each field's doc comment is the one place its setting's meaning is
+// declared: `--help` shows it with the default taken from
+// `Settings::default` (`help::with_defaults`), and the README's table of
+// settings is made from both (`help::settings_table`). (Plain comments here:
+// clap would make a doc comment the description of every command.)
 #[derive(Debug, Default, Clone, Serialize, clap::Args)]
 #[serde(rename_all = "kebab-case")]
 pub struct SettingsArgs {
-    /// TOML file with settings (keys as the flag names).
+    /// TOML file with settings, keys as the flag names
     #[arg(long, global = true, env = "PROMO_FANOUT_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Kafka bootstrap servers
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub brokers: Option<String>,
+    /// Source and sink database (its password is never logged)
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postgres_url: Option<String>,
+    /// The RocksDB state store's directory, one per instance
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
+    /// Actions in
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub input_topic: Option<String>,
+    /// Push drafts out, keyed by `client_id`
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_topic: Option<String>,
+    /// Bad input, bytes unchanged, with an `error` header
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dlq_topic: Option<String>,
+    /// Consumer group: its instances split the input topic's partitions (offsets shown there;
+    /// Postgres and the store hold the truth)
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group_id: Option<String>,
+    /// This instance's name in the group, recorded as the holder of the partitions it takes
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
-    /// e.g. `10m`, `0s`.
-    #[arg(long, global = true)]
+    /// A campaign stops being eligible this long before its end
+    #[arg(long, global = true, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expiry_margin: Option<String>,
+    /// How the subscription mirror is kept current
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mirror_mode: Option<MirrorMode>,
+    /// The logical replication slot `cdc` reads (created and owned by `run`)
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cdc_slot: Option<String>,
+    /// The publication of `subscribers_restaurants` (`migrate` creates it)
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cdc_publication: Option<String>,
-    /// e.g. `10s`.
-    #[arg(long, global = true)]
+    /// How often `cdc` reports its durable position to Postgres, and moves an idle feed's
+    /// position (at most `30s`: half of Postgres's default `wal_sender_timeout`)
+    #[arg(long, global = true, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cdc_status_interval: Option<String>,
-    #[arg(long, global = true)]
+    /// How often `refresh` re-reads `subscribers_restaurants`
+    #[arg(long, global = true, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_interval: Option<String>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
+    /// Log lines on stderr as text or JSON (`RUST_LOG` filters)
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+    /// Input messages per batch at most
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+    /// Notifications per batch at most: bounds memory and what a crash can repeat on the push
+    /// topic
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chunk_size: Option<usize>,
+    /// Batches whose sink writes may be in flight at once (one Postgres connection each); they
+    /// are recorded in order
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pipeline_depth: Option<usize>,
-    #[arg(long, global = true)]
+    /// How long a batch waits for more input once nothing more is queued (what is queued is
+    /// always taken, up to `batch-size`; an action that arrives alone is processed at once)
+    #[arg(long, global = true, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_linger: Option<String>,
+    /// Larger input values are bad input
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_bytes: Option<usize>,
-    #[arg(long, global = true)]
+    /// How long after a campaign's end its sent set is kept (and a repeat of the campaign still
+    /// recognised)
+    #[arg(long, global = true, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sent_retention: Option<String>,
+    /// What to do with a stored input position older than the topic's retention
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub position_out_of_range: Option<OutOfRange>,
-    /// e.g. `60s`.
-    #[arg(long, global = true)]
+    /// How long `run` tries to reach Postgres and the brokers at start before it exits 1 saying
+    /// which it could not reach
+    #[arg(long, global = true, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub startup_timeout: Option<String>,
-    /// A Kafka client property, `PROP=VALUE` (repeatable), e.g.
-    /// `--kafka security.protocol=SASL_SSL`.
+    /// A librdkafka property, `PROP=VALUE` (repeatable), e.g. `security.protocol=SASL_SSL` for
+    /// a managed cluster
     #[arg(long = "kafka", global = true, value_name = "PROP=VALUE", value_parser = parse_property)]
     #[serde(
         skip_serializing_if = "Vec::is_empty",
@@ -324,11 +361,17 @@ impl Settings {
 
     /// What the types alone cannot check.
     fn validate(&self) -> Result<(), SettingsError> {
-        if let Err(e) = self.postgres_url.parse::<tokio_postgres::Config>() {
-            return Err(SettingsError(format!(
-                "postgres-url {:?}: {e}",
-                self.postgres_url_redacted()
-            )));
+        let postgres = crate::infra::tls::PostgresUrl::parse(&self.postgres_url).map_err(|e| {
+            SettingsError(format!(
+                "postgres-url {:?}: {}",
+                self.postgres_url_redacted(),
+                crate::infra::retry::postgres_text(&e)
+            ))
+        })?;
+        // The files the URL names are read now: a missing CA stops the
+        // program at once, naming it.
+        if let Err(e) = postgres.tls.client_config() {
+            return Err(SettingsError(format!("postgres-url: {e}")));
         }
         for (name, value) in [
             ("brokers", &self.brokers),
@@ -490,21 +533,34 @@ fn describe(e: figment::Error) -> String {
 /// Masks the password of a `postgres://user:password@host/db` URL or a
 /// `password=...` key/value pair.
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((auth, host)) = rest.rsplit_once('@') {
-            if let Some((user, _)) = auth.split_once(':') {
-                return format!("{scheme}://{user}:***@{host}");
-            }
+    // Parameters whose value is a secret, or the path to one.
+    const SECRET: [&str; 3] = ["password", "sslkey", "sslpassword"];
+    let mask = |kv: &str| match kv.split_once('=') {
+        Some((k, _)) if SECRET.contains(&k) => format!("{k}=***"),
+        _ => kv.to_owned(),
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url
+            .split_whitespace()
+            .map(mask)
+            .collect::<Vec<_>>()
+            .join(" ");
+    };
+    let (rest, query) = crate::infra::tls::split_query(rest);
+    let rest = match rest.rsplit_once('@') {
+        Some((auth, host)) => match auth.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => rest.to_owned(),
+        },
+        None => rest.to_owned(),
+    };
+    match query {
+        Some(q) => {
+            let q: Vec<String> = q.split('&').map(mask).collect();
+            format!("{scheme}://{rest}?{}", q.join("&"))
         }
-        return url.to_owned();
+        None => format!("{scheme}://{rest}"),
     }
-    url.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some(("password", _)) => "password=***".to_owned(),
-            _ => kv.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Environment values arrive parsed (`123` as a number): take any scalar as text.
@@ -630,8 +686,16 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
         assert_eq!(
-            redact_url("host=db password=s3cret user=u"),
-            "host=db password=*** user=u"
+            redact_url("host=db password=s3cret user=u sslkey=/k.pem"),
+            "host=db password=*** user=u sslkey=***"
+        );
+        assert_eq!(
+            redact_url("postgres://app:p?w@db/x"),
+            "postgres://app:***@db/x"
+        );
+        assert_eq!(
+            redact_url("postgres://app:pw@db/x?sslmode=verify-full&sslkey=/etc/k.pem&password=p"),
+            "postgres://app:***@db/x?sslmode=verify-full&sslkey=***&password=***"
         );
         let s = Settings {
             kafka: [("sasl.password".to_owned(), "p".to_owned())].into(),

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use promo_fanout::config::{Settings, SettingsArgs};
 
 #[derive(Parser)]
@@ -61,8 +61,14 @@ enum StateCommand {
     },
 }
 
+/// The command line, with each setting's default in `--help`.
+fn parse() -> Cli {
+    let cmd = promo_fanout::config::help::with_defaults(Cli::command());
+    Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse();
     let settings = match Settings::load(&cli.settings) {
         Ok(s) => s,
         Err(e) => {

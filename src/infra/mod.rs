@@ -7,3 +7,4 @@ pub mod health;
 pub mod process;
 pub mod retry;
 pub mod scratch_db;
+pub mod tls;

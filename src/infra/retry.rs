@@ -131,6 +131,7 @@ fn classify_replication(error: &pgwire_replication::PgWireError) -> Disposition 
             sqlstate_in(text).map_or(Disposition::Fatal, classify_sqlstate)
         }
         e if e.is_transient() => Disposition::Retry,
+        pgwire_replication::PgWireError::Tls(text) => tls_handshake(text),
         // The session ended and its worker's error was already taken (a
         // receive cancelled just as it ended): a new session meets the cause
         // again, and is judged by it.
@@ -190,11 +191,32 @@ fn classify_postgres_client_text(text: &str) -> Disposition {
     ];
     if OUTAGE.iter().any(|p| text.starts_with(p)) {
         Disposition::Retry
+    } else if text.starts_with("error performing TLS handshake") {
+        tls_handshake(text)
     } else if text.starts_with("error serializing parameter") {
         // A value the client cannot encode: the data, not an outage.
         Disposition::Refuse
     } else {
         // TLS, authentication, configuration, an unexpected column type.
+        Disposition::Fatal
+    }
+}
+
+/// A TLS handshake that failed: the connection lost during it is an
+/// outage; anything TLS itself decided (a certificate refused, no common
+/// protocol, a file the URL names missing) needs a person.
+fn tls_handshake(text: &str) -> Disposition {
+    const LOST: [&str; 5] = [
+        "connection reset",
+        "unexpected end of file",
+        "broken pipe",
+        "timed out",
+        "connection refused",
+    ];
+    let text = text.to_ascii_lowercase();
+    if LOST.iter().any(|p| text.contains(p)) {
+        Disposition::Retry
+    } else {
         Disposition::Fatal
     }
 }
@@ -411,7 +433,18 @@ mod tests {
             ("timeout waiting for server", Retry),
             ("error serializing parameter 5: value too large", Refuse),
             ("error deserializing column 0: bad type", Fatal),
-            ("error performing TLS handshake: invalid certificate", Fatal),
+            (
+                "error performing TLS handshake: invalid peer certificate: UnknownIssuer",
+                Fatal,
+            ),
+            (
+                "error performing TLS handshake: Connection reset by peer (os error 104)",
+                Retry,
+            ),
+            (
+                "error performing TLS handshake: unexpected end of file",
+                Retry,
+            ),
             ("invalid configuration: host missing", Fatal),
             ("authentication error: password missing", Fatal),
         ];

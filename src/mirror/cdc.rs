@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, TlsConfig};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig};
 use promo_fanout_state::{Commit, MirrorMode, MirrorPosition, Store};
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::infra::health::Health;
 use crate::infra::retry::{backoff, classify, until_done, Disposition, Failure, Stopped};
+use crate::infra::tls::PostgresUrl;
 use crate::mirror::changes::TABLE;
 use crate::mirror::{self, stream, SyncPlan, SyncStats};
 
@@ -64,17 +65,23 @@ impl FeedConfig {
 
     /// A replication session on this feed's slot, reading from `start` (and
     /// reporting it as flushed until told more), from the Postgres URL's
-    /// host, port, user, password, database and `sslmode`.
+    /// host (or `hostaddr`), port, user, password, database and TLS
+    /// parameters.
     pub fn replication(&self, start: Lsn) -> Result<ReplicationConfig, Failure> {
-        use tokio_postgres::config::{Host, SslMode};
-        let pg: tokio_postgres::Config = self
-            .postgres_url
-            .parse()
+        use tokio_postgres::config::Host;
+        let url = PostgresUrl::parse(&self.postgres_url)
             .map_err(|e| Failure::Config(format!("postgres-url: {e}")))?;
-        let host = match pg.get_hosts().first() {
+        let pg = &url.config;
+        let name = match pg.get_hosts().first() {
             Some(Host::Tcp(h)) => h.clone(),
             Some(Host::Unix(dir)) => dir.display().to_string(),
             None => "localhost".into(),
+        };
+        // Connected to `hostaddr` if given, the certificate checked against
+        // the host name, as libpq does.
+        let (host, server_name) = match pg.get_hostaddrs().first() {
+            Some(addr) => (addr.to_string(), Some(name.as_str())),
+            None => (name.clone(), None),
         };
         let user = pg
             .get_user()
@@ -86,10 +93,9 @@ impl FeedConfig {
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
         let database = pg.get_dbname().unwrap_or(&user).to_owned();
-        let tls = match pg.get_ssl_mode() {
-            SslMode::Require => TlsConfig::require(),
-            _ => TlsConfig::disabled(),
-        };
+        let tls = url
+            .replication_tls(server_name)
+            .map_err(|e| Failure::Config(format!("postgres-url: {e}")))?;
         let port = pg.get_ports().first().copied().unwrap_or(5432);
         let publication = self.publication.clone();
         Ok(

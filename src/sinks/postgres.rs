@@ -9,7 +9,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use promo_fanout_state::{Action, Ownership};
 use tokio::sync::{Mutex, OwnedMutexGuard};
-use tokio_postgres::{Client, GenericClient, NoTls};
+use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
 
 use crate::fanout::{key_of, CampaignKey, Notification};
@@ -75,8 +75,11 @@ const IDLE_IN_TRANSACTION: &str = "SET idle_in_transaction_session_timeout = '60
 /// A connection of the sink, taken for one batch.
 type Connection = OwnedMutexGuard<Option<Client>>;
 
+/// A connection to the Postgres at `url`, with TLS as the URL asks
+/// ([`crate::infra::tls`]).
 pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let url = crate::infra::tls::PostgresUrl::parse(url)?;
+    let (client, connection) = url.config.connect(url.connector()).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::warn!(%error, "postgres connection closed");
