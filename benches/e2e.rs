@@ -13,6 +13,11 @@
 //!   produced to push message read back;
 //! - `PF_E2E_HOT` subscribers of one restaurant [1,000,000]: wall time and the
 //!   service's peak RSS;
+//! - `PF_E2E_INSTANCES` [1,2,3]: the throughput run's load through that many
+//!   instances in one group;
+//! - `PF_E2E_HANDOFF` subscribers of one restaurant [1,000,000]: two
+//!   instances; the campaign's holder stopped half-way; time until the other
+//!   goes on;
 //! - `PF_E2E_MIRROR_ROWS` [10,000,000]: snapshot time, then restart to ready.
 //!
 //! - `PF_E2E_PEERS` [quix,flink]: the peers in `benches/peers/` run on the
@@ -882,6 +887,134 @@ impl Bench {
         );
     }
 
+    /// The throughput load through `n` instances in one group (each with
+    /// its own store and slot), from the actions produced to every
+    /// notification committed by one of them.
+    fn instances(&mut self, load: &Load, n: usize) -> f64 {
+        let scratch = scratch_db(&self.admin_url, "pf_e2e");
+        let (name, url) = (scratch.name.clone(), scratch.url.clone());
+        let actions = load.subscribe(&url);
+        let t = self.topics(PARTITIONS);
+        let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut instances = Vec::new();
+        for (i, dir) in dirs.iter().enumerate() {
+            let id = format!("i{i}");
+            let flags = ["--instance-id", &id];
+            let (child, metrics) = self.service(&url, &t, dir.path(), &name, &flags);
+            self.wait_ready(&metrics, Duration::from_secs(600));
+            instances.push((child, metrics));
+        }
+        let held = |m: &String| metric(m, "promo_fanout_partitions_held");
+        wait_until("the partitions to be split", || {
+            let counts: Vec<f64> = instances.iter().map(|(_, m)| held(m)).collect();
+            let spread = counts.iter().all(|&c| c >= 1.0);
+            (spread && counts.iter().sum::<f64>() == PARTITIONS as f64).then_some(())
+        });
+        let expected = load.notifications() as f64;
+        let sent = || -> f64 {
+            instances
+                .iter()
+                .map(|(_, m)| metric(m, "promo_fanout_notifications_sent_total"))
+                .sum()
+        };
+        let started = Instant::now();
+        self.produce_all(&self.producer(), &t.input, &actions);
+        wait_until("every notification", || (sent() >= expected).then_some(()));
+        let rate = expected / started.elapsed().as_secs_f64();
+        let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        assert_eq!(
+            feedback_rows(&mut pg) as f64,
+            expected,
+            "every notification once"
+        );
+        for (mut child, _) in instances {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        drop(pg);
+        drop_db(&scratch);
+        self.row(
+            &format!("{n} instance(s) in one group"),
+            format!("{rate:.0} notifications/s"),
+            &format!("{}, {PARTITIONS} input partitions", load.describe()),
+        );
+        rate
+    }
+
+    /// A partition handed over while its campaign (1 action × `n`
+    /// subscribers) is half done: two instances in one group; the holder is
+    /// stopped with SIGTERM (it records what is in flight and leaves the
+    /// group); the other takes the partition, restores the campaign and its
+    /// sent set from Postgres and finishes it, every row once.
+    fn handoff(&mut self, n: u64) {
+        let scratch = scratch_db(&self.admin_url, "pf_e2e");
+        let (name, url) = (scratch.name.clone(), scratch.url.clone());
+        let r = Uuid::new_v4();
+        subscribe(&url, r, n);
+        let t = self.topics(PARTITIONS);
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let mut instances = Vec::new();
+        for (id, dir) in ["a", "b"].iter().zip(&dirs) {
+            let flags = ["--instance-id", id, "--mirror-mode", "refresh"];
+            let (child, metrics) = self.service(&url, &t, dir.path(), &name, &flags);
+            self.wait_ready(&metrics, Duration::from_secs(600));
+            instances.push((child, metrics));
+        }
+        let held = |m: &str| metric(m, "promo_fanout_partitions_held");
+        wait_until("the partitions to be split", || {
+            instances.iter().all(|(_, m)| held(m) == 2.0).then_some(())
+        });
+        let producer = self.producer();
+        self.produce_all(
+            &producer,
+            &t.input,
+            &[(r.to_string(), action(r, Uuid::new_v4()))],
+        );
+        let sent = |m: &str| metric(m, "promo_fanout_notifications_sent_total");
+        let holder = wait_until("the fan-out to be half done", || {
+            instances
+                .iter()
+                .position(|(_, m)| sent(m) >= n as f64 / 2.0)
+        });
+        let (mut stopped, _) = instances.remove(holder);
+        let (mut survivor, metrics) = instances.remove(0);
+        let spent_before = metric(&metrics, "promo_fanout_handoff_seconds_sum");
+        let stop = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(stopped.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        stopped.wait().unwrap();
+        let exited = stop.elapsed().as_secs_f64();
+        let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let done_before = feedback_rows(&mut pg) as f64;
+        wait_until("the survivor to go on", || {
+            (sent(&metrics) > 0.0).then_some(())
+        });
+        let next = stop.elapsed().as_secs_f64();
+        let spent = metric(&metrics, "promo_fanout_handoff_seconds_sum") - spent_before;
+        self.wait_sent(&metrics, n as f64 - done_before, Duration::from_secs(3600));
+        assert_eq!(
+            feedback_rows(&mut pg),
+            n as i64,
+            "every subscriber once in Postgres"
+        );
+        let _ = survivor.kill();
+        let _ = survivor.wait();
+        drop(pg);
+        drop_db(&scratch);
+        self.row(
+            "hand-off of a half-done campaign",
+            format!("{next:.1} s from stop to the next notification"),
+            &format!(
+                "1 action × {n} subscribers, 2 instances; the holder stopped (SIGTERM) at \
+                 {done_before:.0} sent, exited after {exited:.1} s; the survivor's rebalance \
+                 (revoke, take, restore from Postgres) {spent:.2} s"
+            ),
+        );
+    }
+
     /// Snapshot of `n` rows, then a restart with the mirror present.
     fn mirror(&mut self, n: u64) {
         let scratch = scratch_db(&self.admin_url, "pf_e2e");
@@ -994,6 +1127,19 @@ fn main() {
     let hot = env_or("PF_E2E_HOT", 1_000_000);
     if hot > 0 {
         b.hot(hot, end_to_end);
+    }
+    let counts = std::env::var("PF_E2E_INSTANCES").unwrap_or_else(|_| "1,2,3".into());
+    for n in counts
+        .split(',')
+        .filter_map(|c| c.trim().parse::<usize>().ok())
+    {
+        if n > 0 && total > 0 {
+            b.instances(&load, n);
+        }
+    }
+    let handoff = env_or("PF_E2E_HANDOFF", 1_000_000);
+    if handoff > 0 {
+        b.handoff(handoff);
     }
     let mirror = env_or("PF_E2E_MIRROR_ROWS", 10_000_000);
     if mirror > 0 {
@@ -1120,4 +1266,19 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(u64
 fn plaintext(url: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}sslmode=disable")
+}
+
+/// Polls `check` every 20 ms until it gives a value (10 minutes at most).
+fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -101,6 +101,7 @@ pub fn identity(settings: &Settings) -> Identity {
 /// finished and recorded first.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), RunError> {
     let store = Arc::new(Store::open(settings.state_dir(), &identity(&settings))?);
+    store.claim_instance(&settings.instance_id)?;
     let health = Arc::new(Health::default());
     let server = MetricsServer::start(&settings, &health, &shutdown).await?;
     // After the recorder is installed by the server's start.

@@ -77,6 +77,40 @@ fn an_unknown_setting_is_refused() {
     assert!(stderr(&o).contains("expiry-margin"), "{}", stderr(&o));
 }
 
+/// Each instance has its own state directory: one started on another
+/// instance's is refused, and told what to do.
+#[test]
+fn a_store_of_another_instance_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    {
+        let store = promo_fanout_state::Store::open(
+            &state,
+            &promo_fanout_state::Identity {
+                group_id: "g1".into(),
+                input_topic: "t1".into(),
+            },
+        )
+        .unwrap();
+        store.claim_instance("a").unwrap();
+        store.claim_instance("a").unwrap();
+    }
+    let state = state.to_str().unwrap();
+    let args = [
+        "--state-dir",
+        state,
+        "--group-id",
+        "g1",
+        "--input-topic",
+        "t1",
+    ];
+    let err = refused_at_start(&[&args[..], &["--instance-id", "b"]].concat());
+    assert!(
+        err.contains("belongs to instance \"a\"") && err.contains("its own --state-dir"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_store_of_another_pipeline_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();

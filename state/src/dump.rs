@@ -130,6 +130,7 @@ pub fn lsn_text(lsn: u64) -> String {
 pub enum MetaEntry {
     SchemaVersion { value: u32 },
     Identity(Identity),
+    Instance { value: String },
     Unknown { raw_key: String },
 }
 
@@ -203,6 +204,9 @@ fn decode_entry(table: Table, k: &[u8], v: &[u8]) -> Result<Entry, StoreError> {
                 value: decode(name, k, v)?,
             },
             keys::META_IDENTITY => MetaEntry::Identity(decode(name, k, v)?),
+            keys::META_INSTANCE => MetaEntry::Instance {
+                value: decode(name, k, v)?,
+            },
             _ => MetaEntry::Unknown { raw_key: hex(k) },
         }),
     })

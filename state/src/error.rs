@@ -45,6 +45,17 @@ pub enum StoreError {
     },
 
     #[error(
+        "the state store at {path} belongs to instance {found:?} of the group, not {instance:?}: \
+         each instance has its own --state-dir; give this one its own directory (its partitions \
+         are restored from Postgres), or run it with --instance-id {found}"
+    )]
+    OtherInstance {
+        path: PathBuf,
+        found: String,
+        instance: String,
+    },
+
+    #[error(
         "the state store at {path} holds data but no schema version: it was not written by \
          promo-fanout; point --state-dir at an empty directory or a promo-fanout store"
     )]

@@ -23,6 +23,7 @@ pub(crate) const OWNERSHIP: u8 = 0x03;
 /// `meta` keys.
 pub(crate) const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub(crate) const META_IDENTITY: &[u8] = b"identity";
+pub(crate) const META_INSTANCE: &[u8] = b"instance";
 
 pub(crate) fn ordered_i64(v: i64) -> [u8; 8] {
     ((v as u64) ^ (1 << 63)).to_be_bytes()

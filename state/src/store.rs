@@ -193,15 +193,7 @@ impl Store {
                         path: self.path.clone(),
                     });
                 }
-                let mut opts = WriteOptions::default();
-                opts.set_sync(true);
-                self.db.put_cf_opt(
-                    self.cf(Table::Meta),
-                    keys::META_SCHEMA_VERSION,
-                    encode(&SCHEMA_VERSION),
-                    &opts,
-                )?;
-                Ok(())
+                self.put_meta(keys::META_SCHEMA_VERSION, &SCHEMA_VERSION)
             }
         }
     }
@@ -216,18 +208,37 @@ impl Store {
                 group: identity.group_id.clone(),
                 topic: identity.input_topic.clone(),
             }),
-            None => {
-                let mut opts = WriteOptions::default();
-                opts.set_sync(true);
-                self.db.put_cf_opt(
-                    self.cf(Table::Meta),
-                    keys::META_IDENTITY,
-                    encode(identity),
-                    &opts,
-                )?;
-                Ok(())
-            }
+            None => self.put_meta(keys::META_IDENTITY, identity),
         }
+    }
+
+    /// Records that this store is instance `instance`'s, or refuses if it
+    /// is another instance's. (A store from before instances were named is
+    /// claimed by the first instance that opens it.)
+    pub fn claim_instance(&self, instance: &str) -> Result<(), StoreError> {
+        let found: Option<String> = self
+            .db
+            .get_pinned_cf(self.cf(Table::Meta), keys::META_INSTANCE)?
+            .map(|v| decode("meta", keys::META_INSTANCE, &v))
+            .transpose()?;
+        match found {
+            Some(found) if found == instance => Ok(()),
+            Some(found) => Err(StoreError::OtherInstance {
+                path: self.path.clone(),
+                found,
+                instance: instance.to_owned(),
+            }),
+            None => self.put_meta(keys::META_INSTANCE, &instance.to_owned()),
+        }
+    }
+
+    /// Writes one `meta` entry, synced.
+    fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(Table::Meta), key, encode(value), &opts)?;
+        Ok(())
     }
 
     fn meta_u32(&self, key: &[u8]) -> Result<Option<u32>, StoreError> {
