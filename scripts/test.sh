@@ -7,6 +7,7 @@ cd "$ROOT"
 
 start_test_services
 say "alert rules (promtool)"
+promtool check rules deploy/prometheus/alerts.yml
 promtool check config deploy/prometheus/prometheus.yml
 promtool test rules deploy/prometheus/alerts_test.yml
 say "cargo fmt / clippy"
