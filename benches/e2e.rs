@@ -51,6 +51,8 @@ use common::{
 };
 
 const PARTITIONS: i32 = 4;
+/// How long one step of a multi-instance stage may take.
+const STAGE: Duration = Duration::from_secs(600);
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
@@ -381,22 +383,16 @@ impl Bench {
 
     fn wait_ready(&self, metrics: &str, limit: Duration) -> Duration {
         let started = Instant::now();
-        while get(metrics, "/readyz").map(|r| r.0) != Some(200) {
-            assert!(started.elapsed() < limit, "the service did not get ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until("the service to get ready", limit, || {
+            (get(metrics, "/readyz").map(|r| r.0) == Some(200)).then_some(())
+        });
         started.elapsed()
     }
 
     fn wait_sent(&self, metrics: &str, n: f64, limit: Duration) {
-        let started = Instant::now();
-        while metric(metrics, "promo_fanout_notifications_sent_total") < n {
-            assert!(
-                started.elapsed() < limit,
-                "the notifications did not all commit"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until("every notification to commit", limit, || {
+            (metric(metrics, "promo_fanout_notifications_sent_total") >= n).then_some(())
+        });
     }
 
     fn row(&mut self, what: &str, figure: String, note: &str) {
@@ -905,7 +901,7 @@ impl Bench {
             instances.push((child, metrics));
         }
         let held = |m: &String| metric(m, "promo_fanout_partitions_held");
-        wait_until("the partitions to be split", || {
+        wait_until("the partitions to be split", STAGE, || {
             let counts: Vec<f64> = instances.iter().map(|(_, m)| held(m)).collect();
             let spread = counts.iter().all(|&c| c >= 1.0);
             (spread && counts.iter().sum::<f64>() == PARTITIONS as f64).then_some(())
@@ -919,7 +915,9 @@ impl Bench {
         };
         let started = Instant::now();
         self.produce_all(&self.producer(), &t.input, &actions);
-        wait_until("every notification", || (sent() >= expected).then_some(()));
+        wait_until("every notification", STAGE, || {
+            (sent() >= expected).then_some(())
+        });
         let rate = expected / started.elapsed().as_secs_f64();
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         assert_eq!(
@@ -961,7 +959,7 @@ impl Bench {
             instances.push((child, metrics));
         }
         let held = |m: &str| metric(m, "promo_fanout_partitions_held");
-        wait_until("the partitions to be split", || {
+        wait_until("the partitions to be split", STAGE, || {
             instances.iter().all(|(_, m)| held(m) == 2.0).then_some(())
         });
         let producer = self.producer();
@@ -971,7 +969,7 @@ impl Bench {
             &[(r.to_string(), action(r, Uuid::new_v4()))],
         );
         let sent = |m: &str| metric(m, "promo_fanout_notifications_sent_total");
-        let holder = wait_until("the fan-out to be half done", || {
+        let holder = wait_until("the fan-out to be half done", STAGE, || {
             instances
                 .iter()
                 .position(|(_, m)| sent(m) >= n as f64 / 2.0)
@@ -989,7 +987,7 @@ impl Bench {
         let exited = stop.elapsed().as_secs_f64();
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         let done_before = feedback_rows(&mut pg) as f64;
-        wait_until("the survivor to go on", || {
+        wait_until("the survivor to go on", STAGE, || {
             (sent(&metrics) > 0.0).then_some(())
         });
         let next = stop.elapsed().as_secs_f64();
@@ -1268,17 +1266,14 @@ fn plaintext(url: &str) -> String {
     format!("{url}{sep}sslmode=disable")
 }
 
-/// Polls `check` every 20 ms until it gives a value (10 minutes at most).
-fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+/// Polls `check` every 20 ms until it gives a value, `limit` at most.
+fn wait_until<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let started = Instant::now();
     loop {
         if let Some(v) = check() {
             return v;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "timed out waiting for {what}"
-        );
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -64,12 +64,7 @@ impl Prometheus {
     }
 
     fn get(&self, path: &str) -> Option<(u16, String)> {
-        let url = format!("http://{}{path}", self.addr);
-        match ureq::get(&url).timeout(Duration::from_secs(5)).call() {
-            Ok(r) => Some((r.status(), r.into_string().ok()?)),
-            Err(ureq::Error::Status(status, r)) => Some((status, r.into_string().ok()?)),
-            Err(_) => None,
-        }
+        http_get(&format!("http://{}{path}", self.addr))
     }
 
     /// The API's `data` for `path`, once it answers with success.
@@ -81,7 +76,9 @@ impl Prometheus {
 
     /// The value of an instant query that selects exactly one series.
     fn value(&self, query: &str) -> Option<f64> {
-        let data = self.api(&format!("/api/v1/query?query={}", encode(query)))?;
+        let query =
+            percent_encoding::utf8_percent_encode(query, percent_encoding::NON_ALPHANUMERIC);
+        let data = self.api(&format!("/api/v1/query?query={query}"))?;
         match data["result"].as_array()?.as_slice() {
             [one] => one["value"][1].as_str()?.parse().ok(),
             _ => None,
@@ -94,17 +91,6 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Percent-encodes a PromQL query for a URL.
-fn encode(query: &str) -> String {
-    query
-        .bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[test]

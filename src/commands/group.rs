@@ -6,7 +6,6 @@ use std::fmt;
 
 use crate::config::Settings;
 use crate::mirror::slots::{group_slots, Slot};
-use crate::sinks::postgres_connect;
 
 /// One input partition's durable state.
 #[derive(Debug)]
@@ -29,15 +28,7 @@ SELECT partition, owner, epoch, version, next_offset FROM promo_fanout_partition
 WHERE group_id = $1 AND topic = $2 ORDER BY partition";
 
 pub async fn group(settings: &Settings) -> anyhow::Result<Report> {
-    let client = postgres_connect(&settings.postgres_url)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to postgres at {}: {}",
-                settings.postgres_url_redacted(),
-                crate::infra::retry::postgres_text(&e)
-            )
-        })?;
+    let client = super::connect(&settings.postgres_url).await?;
     let rows = client
         .query(PARTITIONS, &[&settings.group_id, &settings.input_topic])
         .await?;

@@ -1,21 +1,13 @@
 //! `promo-fanout migrate`: the SQL files of `migrations/`, embedded at build
 //! time and applied with refinery.
 
-use crate::sinks::postgres_connect;
-
 mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
 /// Applies every migration not yet applied; returns the names applied now.
 pub async fn migrate(postgres_url: &str) -> anyhow::Result<Vec<String>> {
-    let mut client = postgres_connect(postgres_url).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot connect to postgres at {}: {}",
-            crate::config::redact_url(postgres_url),
-            crate::infra::retry::postgres_text(&e)
-        )
-    })?;
+    let mut client = super::connect(postgres_url).await?;
     let report = embedded::migrations::runner()
         .run_async(&mut client)
         .await?;

@@ -296,9 +296,7 @@ impl TlsParams {
         match (&self.cert, &self.key) {
             (None, None) => Ok(builder.with_no_client_auth()),
             (Some(cert), Some(key)) => {
-                let certs = CertificateDer::pem_file_iter(cert)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| file_error("sslcert", cert, e))?;
+                let certs = read_certs("sslcert", cert)?;
                 let key_der =
                     PrivateKeyDer::from_pem_file(key).map_err(|e| file_error("sslkey", key, e))?;
                 builder
@@ -323,12 +321,19 @@ fn file_error(what: &str, path: &std::path::Path, e: impl std::fmt::Display) -> 
     TlsSetupError(format!("{what} {}: {e}", path.display()))
 }
 
+/// Every certificate of the PEM file `path` (the URL's parameter `what`).
+fn read_certs(
+    what: &str,
+    path: &std::path::Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| file_error(what, path, e))
+}
+
 fn load_roots(path: &std::path::Path) -> Result<RootCertStore, TlsSetupError> {
     let mut roots = RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| file_error("sslrootcert", path, e))?;
-    let (added, _) = roots.add_parsable_certificates(certs);
+    let (added, _) = roots.add_parsable_certificates(read_certs("sslrootcert", path)?);
     if added == 0 {
         return Err(file_error("sslrootcert", path, "no certificate in it"));
     }

@@ -145,17 +145,7 @@ impl Service {
     /// GET `path` from the service's HTTP endpoint: (status, body); `None`
     /// until it listens, or if it does not answer.
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        let url = format!("http://{}{path}", self.metrics.get()?);
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(5))
-            .build();
-        let response = match agent.get(&url).call() {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(_) => return None,
-        };
-        let status = response.status();
-        Some((status, response.into_string().ok()?))
+        http_get(&format!("http://{}{path}", self.metrics.get()?))
     }
 
     /// Waits for /readyz to answer 200; fails at once if the process ends
@@ -201,6 +191,18 @@ impl Drop for Service {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// GET `url`: (status, body), whatever the status; `None` if nothing
+/// answers within 5 s.
+pub fn http_get(url: &str) -> Option<(u16, String)> {
+    let response = match ureq::get(url).timeout(Duration::from_secs(5)).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(_) => return None,
+    };
+    let status = response.status();
+    Some((status, response.into_string().ok()?))
 }
 
 /// Copies the service's log to the test's stderr and keeps it, and takes
