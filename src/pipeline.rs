@@ -116,13 +116,38 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         dlq = %settings.dlq_topic,
         "starting"
     );
-    let outcome = match Pipeline::start(settings, store, health, shutdown).await {
-        Ok(pipeline) => pipeline.run().await,
-        Err(Stopped::Shutdown) => Ok(()),
-        Err(Stopped::Fatal(error)) => Err(error),
+    let outcome = loop {
+        let started = Pipeline::start(settings.clone(), store.clone(), health.clone(), &shutdown);
+        let outcome = match started.await {
+            Ok(pipeline) => pipeline.run().await,
+            Err(Stopped::Shutdown) => Ok(()),
+            Err(Stopped::Fatal(error)) => Err(error),
+        };
+        match outcome {
+            Err(RunError::Delivery(Failure::Fenced(fenced))) if shutdown.is_cancelled() => {
+                // Stopping anyway: what was in flight is the new holder's.
+                tracing::warn!(%fenced, "stopped; the batches in flight were fenced");
+                break Ok(());
+            }
+            Err(RunError::Delivery(Failure::Fenced(fenced))) => rejoin_after(&fenced, &health),
+            outcome => break outcome,
+        }
     };
     server.stop().await;
     outcome
+}
+
+/// Another instance took partitions while this one had batches for them in
+/// flight (the group moved them without this instance letting go first: a
+/// session that ended unnoticed, or a broker's cooperative rebalance that
+/// did not wait). The batches were rolled back by the fence; everything this
+/// instance holds in memory is dropped, and it leaves the consumer group and
+/// joins again, as a restart would, taking what the group gives it from the
+/// durable state.
+fn rejoin_after(fenced: &crate::partitions::Fenced, health: &Health) {
+    health.joined.store(false, Ordering::Relaxed);
+    tracing::warn!(%fenced, "leaving the consumer group and joining it again");
+    metrics::counter!("promo_fanout_rebalances_total", "kind" => "fenced").increment(1);
 }
 
 /// `/metrics`, `/healthz` and `/readyz`, served until shutdown or until
@@ -188,8 +213,9 @@ impl Pipeline {
         settings: Settings,
         store: Arc<Store>,
         health: Arc<Health>,
-        shutdown: CancellationToken,
+        shutdown: &CancellationToken,
     ) -> Step<Pipeline> {
+        let shutdown = shutdown.clone();
         let feedback = connect_postgres(&settings, &health, &shutdown).await?;
         let kafka = KafkaSink::new(&settings).map_err(failed)?;
         let source = Arc::new(Source::new(&settings).map_err(failed)?);

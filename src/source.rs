@@ -193,17 +193,17 @@ const FETCH_WAIT_MAX_MS: &str = "10";
 const QUEUED_MAX_KBYTES: &str = "16384";
 
 /// The group membership's defaults, each overridable with `kafka.<property>`.
-/// Eager `range` assignment: every member lets go of everything before a
-/// rebalance completes, so a partition never has two holders, whatever the
-/// broker's timing. (With `cooperative-sticky` on the tansu broker a
-/// partition was once given to a joining member before its holder had
-/// revoked it: the epoch fence kept Postgres exact, and the holder stopped.)
+/// Incremental `cooperative-sticky` assignment: a rebalance moves only the
+/// partitions that change hands, and every other partition keeps being read
+/// and planned throughout. Should a broker hand a partition on before its
+/// holder has let go (the tansu broker once did), the epoch fence rolls the
+/// holder's batch back and the holder joins again (see `pipeline::run`).
 /// A dead instance is noticed after 6 s (the smallest session Kafka brokers
 /// accept by default, `group.min.session.timeout.ms`) rather than
 /// librdkafka's 45 s, with a heartbeat every 2 s (a third of it, so that one
 /// lost heartbeat does not end the session).
 const GROUP_DEFAULTS: &[(&str, &str)] = &[
-    ("partition.assignment.strategy", "range"),
+    ("partition.assignment.strategy", "cooperative-sticky"),
     ("session.timeout.ms", "6000"),
     ("heartbeat.interval.ms", "2000"),
 ];

@@ -30,6 +30,8 @@ struct Fanout {
     dir: tempfile::TempDir,
     campaigns: Vec<(Uuid, Uuid, usize)>,
     expected: BTreeSet<(Uuid, Uuid, Uuid)>,
+    /// The push topic, read from before the first action.
+    push: Tail,
 }
 
 impl Fanout {
@@ -51,6 +53,7 @@ impl Fanout {
         }
         Fanout {
             db,
+            push: Tail::start(&brokers, &topics.output),
             topics,
             brokers,
             dir: tempfile::tempdir().unwrap(),
@@ -170,10 +173,20 @@ impl Fanout {
             "Postgres holds exactly the expected rows"
         );
 
-        let mut push = Reader::on(&self.brokers, &self.topics.output);
-        push.until(self.expected.len(), WAIT);
-        push.drain(Duration::from_secs(2));
-        let pushed = triples(&push.seen);
+        let every_client = |seen: &[Record]| {
+            if seen.len() < self.expected.len() {
+                return false;
+            }
+            let pushed: BTreeSet<_> = triples(seen).into_iter().collect();
+            pushed.is_superset(&self.expected)
+        };
+        let seen = self.push.until(
+            "every client on the push topic",
+            WAIT,
+            Duration::from_secs(2),
+            every_client,
+        );
+        let pushed = triples(&seen);
         let distinct: BTreeSet<_> = pushed.iter().copied().collect();
         assert!(
             distinct == self.expected,
@@ -195,6 +208,25 @@ fn wait_held(services: &[&Service], counts: &[f64]) {
         let now: Vec<f64> = services.iter().map(|s| held(s)).collect();
         (now == counts).then_some(())
     });
+}
+
+/// Push repeats a rebalance may cause. An instance lets go of a partition
+/// only after recording its batches in flight, so under eager assignment
+/// (every member lets go before the rebalance completes) there are none.
+/// Under `cooperative-sticky` (the default) the tansu broker 0.6 sometimes
+/// hands a partition on before its holder let go: the holder's batches in
+/// flight are then fenced and replayed by the new holder, at most
+/// `pipeline-depth` × `chunk-size` per holder that moved partitions.
+fn assert_rebalance_repeats(repeats: usize, holders: usize, what: &str) {
+    let strategy = std::env::var("PF_TEST_STRATEGY").unwrap_or_default();
+    if matches!(strategy.as_str(), "range" | "roundrobin") {
+        assert_eq!(repeats, 0, "{what} repeated pushes under {strategy}");
+    } else {
+        assert!(
+            repeats <= holders * CHUNK * DEPTH,
+            "{what} repeated {repeats} pushes: more than {holders} holders' batches in flight"
+        );
+    }
 }
 
 /// On librdkafka's mock cluster: the tansu broker (0.6) keeps a member that
@@ -298,7 +330,7 @@ fn a_third_instance_joins_while_batches_are_in_flight() {
     });
     assert_eq!(split.iter().sum::<f64>(), 4.0);
     // A revoked partition's batches were recorded before it moved.
-    assert_eq!(repeats, 0, "a rebalance repeated pushes");
+    assert_rebalance_repeats(repeats, 1, "a joining instance");
 }
 
 #[test]
@@ -395,7 +427,7 @@ fn a_scheduled_campaign_whose_partition_moves_before_it_starts_fires_once_from_t
 }
 
 #[test]
-fn a_rolling_restart_under_load_repeats_nothing() {
+fn a_rolling_restart_under_load_repeats_nothing_recorded() {
     // Three waves of campaigns, each produced just before one instance
     // restarts, so that every restart meets a fan-out under way.
     let fanout = Fanout::new(12, 8_000);
@@ -412,11 +444,68 @@ fn a_rolling_restart_under_load_repeats_nothing() {
         *service = fanout.instance(name);
     }
     let repeats = fanout.finished();
-    // Each instance let go of its partitions only after recording its
-    // batches in flight.
-    assert_eq!(repeats, 0, "a rolling restart repeated pushes");
+    assert_rebalance_repeats(repeats, fleet.len(), "a rolling restart");
     wait_for("the partitions to be held once", WAIT, || {
         let total: f64 = fleet.iter().map(|(_, s)| held(s)).sum();
         (total == 4.0).then_some(())
     });
+}
+
+/// The epochs and holders of the input partitions, from Postgres.
+fn holders(fanout: &Fanout) -> BTreeMap<i32, (i64, String)> {
+    let rows = fanout
+        .db
+        .client()
+        .query(
+            "SELECT partition, epoch, owner FROM promo_fanout_partitions WHERE topic = $1",
+            &[&fanout.topics.input],
+        )
+        .unwrap();
+    rows.iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect()
+}
+
+/// Another holder takes the partitions in Postgres behind the instance's
+/// back, as a rebalance that did not wait for the holder would: the
+/// instance's next batch is fenced and rolled back, and it leaves the group,
+/// joins again, restores from Postgres and finishes, still running.
+#[test]
+fn a_fenced_instance_joins_the_group_again_and_finishes() {
+    let fanout = Fanout::new(4, 2_000);
+    let mut a = fanout.instance("a");
+    wait_held(&[&a], &[4.0]);
+    let before = holders(&fanout);
+    assert_eq!(before.len(), PARTITIONS as usize);
+    fanout
+        .db
+        .client()
+        .execute(
+            "UPDATE promo_fanout_partitions SET epoch = epoch + 1, owner = 'intruder' \
+             WHERE topic = $1",
+            &[&fanout.topics.input],
+        )
+        .unwrap();
+
+    fanout.produce();
+    let repeats = fanout.finished();
+    assert!(
+        repeats <= CHUNK * DEPTH,
+        "{repeats} pushes repeated, more than the batches in flight"
+    );
+    assert_eq!(
+        a.metric("promo_fanout_rebalances_total{kind=\"fenced\"}"),
+        1.0,
+        "the fence is counted once"
+    );
+    assert!(a.logged("leaving the consumer group and joining it again"));
+    let after = holders(&fanout);
+    for (p, (epoch, owner)) in &before {
+        assert_eq!(
+            after[p],
+            (epoch + 2, owner.clone()),
+            "partition {p}: taken back after the intruder"
+        );
+    }
+    assert!(a.stop().success(), "the instance ran on after the fence");
 }

@@ -11,6 +11,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -267,7 +268,14 @@ impl Reader {
     /// Reads whatever has arrived within `quiet` of the last message.
     pub fn drain(&mut self, quiet: Duration) -> &[Record] {
         while let Some(m) = self.consumer.poll(quiet) {
-            let m = m.unwrap();
+            let m = match m {
+                Ok(m) => m,
+                // The broker held down by the test: the reader waits too.
+                Err(rdkafka::error::KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown,
+                )) => continue,
+                Err(error) => panic!("reading the topic: {error}"),
+            };
             let headers = m
                 .headers()
                 .map(|h| {
@@ -313,6 +321,70 @@ impl Reader {
         self.drain(Duration::from_secs(1));
         assert_eq!(self.seen.len(), n, "{what}");
         &self.seen
+    }
+}
+
+/// A [`Reader`] on a thread of its own, reading as messages arrive: a
+/// broker that drops a partition's oldest messages (librdkafka's mock
+/// cluster keeps about 5 MB of each) loses none of them to the test.
+pub struct Tail {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Record>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Tail {
+    pub fn start(brokers: &str, topic: &str) -> Tail {
+        let seen = std::sync::Arc::<std::sync::Mutex<Vec<Record>>>::default();
+        let stop = std::sync::Arc::<std::sync::atomic::AtomicBool>::default();
+        let mut reader = Reader::on(brokers, topic);
+        let handle = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    reader.drain(Duration::from_millis(100));
+                    seen.lock().unwrap().append(&mut reader.seen);
+                }
+            })
+        };
+        Tail {
+            seen,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Waits until what was read satisfies `done`, then until nothing more
+    /// arrives for `quiet`; returns everything read.
+    pub fn until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        quiet: Duration,
+        done: impl Fn(&[Record]) -> bool,
+    ) -> Vec<Record> {
+        wait_for(what, timeout, || {
+            done(&self.seen.lock().unwrap()).then_some(())
+        });
+        let mut last = (self.seen.lock().unwrap().len(), Instant::now());
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let n = self.seen.lock().unwrap().len();
+            if n != last.0 {
+                last = (n, Instant::now());
+            } else if last.1.elapsed() >= quiet {
+                return self.seen.lock().unwrap().clone();
+            }
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
     }
 }
 
