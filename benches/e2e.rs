@@ -734,8 +734,10 @@ impl Bench {
     fn latency(&mut self, rate: u64, seconds: u64) {
         let scratch = scratch_db(&self.admin_url, "pf_e2e");
         let (name, url) = (scratch.name.clone(), scratch.url.clone());
-        // One more second up front, not counted: the first fetches of a
-        // fresh consumer and topic are slow on the local broker.
+        // One more second up front, not counted, and read back before the
+        // counted actions start: the first fetches of a fresh consumer and
+        // topic are slow on the local broker, and what queued meanwhile
+        // drains only after.
         let n = rate * seconds;
         let warm_up = rate;
         let rs: Vec<Uuid> = (0..n + warm_up).map(|_| Uuid::new_v4()).collect();
@@ -753,10 +755,12 @@ impl Bench {
 
         // Campaign → (when produced, counted).
         let sent: Arc<Mutex<HashMap<String, (Instant, bool)>>> = Arc::default();
+        let read_back = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reader = {
             let brokers = self.brokers.clone();
             let topic = t.output.clone();
             let sent = sent.clone();
+            let read_back = read_back.clone();
             let expected = (n + warm_up) * 100;
             std::thread::spawn(move || {
                 let consumer = reader_from_start(&brokers, &topic);
@@ -773,6 +777,7 @@ impl Bench {
                     let k = v["adv_campaign_id"].as_str().unwrap().to_owned();
                     if let Some((at, counted)) = sent.lock().unwrap().get(&k) {
                         read += 1;
+                        read_back.store(read, Ordering::Relaxed);
                         if *counted {
                             latencies.push(seen.duration_since(*at).as_secs_f64() * 1000.0);
                         }
@@ -783,7 +788,7 @@ impl Bench {
         };
         let producer = self.producer();
         let every = Duration::from_secs_f64(1.0 / rate as f64);
-        let started = Instant::now();
+        let mut started = Instant::now();
         let planned: Vec<(String, String, String)> = rs
             .iter()
             .map(|r| {
@@ -792,8 +797,21 @@ impl Bench {
             })
             .collect();
         self.rt.block_on(async {
-            let mut pending = Vec::new();
+            let mut pending: Vec<rdkafka::producer::DeliveryFuture> = Vec::new();
             for (i, (key, payload, k)) in planned.iter().enumerate() {
+                if i as u64 == warm_up {
+                    // The counted actions start once the warm-up's pushes
+                    // are all read back: the service is past its start (the
+                    // group join, the first fetches, the first statements on
+                    // each connection) and in its steady state.
+                    for s in futures::future::join_all(std::mem::take(&mut pending)).await {
+                        s.unwrap().map_err(|(e, _)| e).unwrap();
+                    }
+                    wait_until("the warm-up read back", Duration::from_secs(120), || {
+                        (read_back.load(Ordering::Relaxed) >= warm_up * 100).then_some(())
+                    });
+                    started = Instant::now() - every * i as u32;
+                }
                 let due = started + every * i as u32;
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     tokio::time::sleep(wait).await;
