@@ -77,6 +77,18 @@ pub enum RunError {
     Partitions(Failure),
 }
 
+impl RunError {
+    /// Another instance took this one's partitions, while it recorded a
+    /// batch or took them itself.
+    fn fenced(&self) -> Option<&crate::partitions::Fenced> {
+        match self {
+            RunError::Delivery(Failure::Fenced(fenced))
+            | RunError::Partitions(Failure::Fenced(fenced)) => Some(fenced),
+            _ => None,
+        }
+    }
+}
+
 impl From<promo_fanout_state::StoreError> for RunError {
     fn from(error: promo_fanout_state::StoreError) -> Self {
         RunError::Store(Box::new(error))
@@ -116,21 +128,27 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         dlq = %settings.dlq_topic,
         "starting"
     );
+    let mut rejoins = Rejoins::default();
     let outcome = loop {
         let started = Pipeline::start(settings.clone(), store.clone(), health.clone(), &shutdown);
+        let ran_from = std::time::Instant::now();
         let outcome = match started.await {
             Ok(pipeline) => pipeline.run().await,
             Err(Stopped::Shutdown) => Ok(()),
             Err(Stopped::Fatal(error)) => Err(error),
         };
-        match outcome {
-            Err(RunError::Delivery(Failure::Fenced(fenced))) if shutdown.is_cancelled() => {
-                // Stopping anyway: what was in flight is the new holder's.
-                tracing::warn!(%fenced, "stopped; the batches in flight were fenced");
-                break Ok(());
-            }
-            Err(RunError::Delivery(Failure::Fenced(fenced))) => rejoin_after(&fenced, &health),
-            outcome => break outcome,
+        let Some(fenced) = outcome.as_ref().err().and_then(RunError::fenced) else {
+            break outcome;
+        };
+        if shutdown.is_cancelled() {
+            // Stopping anyway: what was in flight is the new holder's.
+            tracing::warn!(%fenced, "stopped; the batches in flight were fenced");
+            break Ok(());
+        }
+        let wait = rejoins.after(fenced, ran_from.elapsed(), &health);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => break Ok(()),
         }
     };
     server.stop().await;
@@ -138,16 +156,43 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 }
 
 /// Another instance took partitions while this one had batches for them in
-/// flight (the group moved them without this instance letting go first: a
-/// session that ended unnoticed, or a broker's cooperative rebalance that
-/// did not wait). The batches were rolled back by the fence; everything this
-/// instance holds in memory is dropped, and it leaves the consumer group and
-/// joins again, as a restart would, taking what the group gives it from the
-/// durable state.
-fn rejoin_after(fenced: &crate::partitions::Fenced, health: &Health) {
-    health.joined.store(false, Ordering::Relaxed);
-    tracing::warn!(%fenced, "leaving the consumer group and joining it again");
-    metrics::counter!("promo_fanout_rebalances_total", "kind" => "fenced").increment(1);
+/// flight or was taking them (the group moved them without this instance
+/// letting go first: a session that ended unnoticed, or a broker's
+/// cooperative rebalance that did not wait). The fence rolled the batches
+/// back; everything this instance held in memory is dropped, and it leaves
+/// the consumer group and joins again, as a restart would, taking what the
+/// group gives it from the durable state. Rejoins that follow each other
+/// quickly wait longer and longer (two instances given the same partitions
+/// would otherwise fence each other in a tight loop).
+#[derive(Default)]
+struct Rejoins {
+    /// Fences in a row, each within [`REJOIN_RESET`] of the last start.
+    in_a_row: u32,
+}
+
+/// A pipeline that ran this long before its fence starts the backoff over.
+const REJOIN_RESET: Duration = Duration::from_secs(60);
+
+impl Rejoins {
+    /// Counts the fence and says how long to wait before joining again.
+    fn after(
+        &mut self,
+        fenced: &crate::partitions::Fenced,
+        ran: Duration,
+        health: &Health,
+    ) -> Duration {
+        if ran >= REJOIN_RESET {
+            self.in_a_row = 0;
+        }
+        let wait = Duration::from_millis(500 * 2u64.pow(self.in_a_row.min(6)))
+            .min(Duration::from_secs(30));
+        self.in_a_row += 1;
+        health.joined.store(false, Ordering::Relaxed);
+        metrics::counter!("promo_fanout_rebalances_total", "kind" => "fenced").increment(1);
+        metrics::gauge!("promo_fanout_partitions_held").set(0.0);
+        tracing::warn!(%fenced, wait_ms = wait.as_millis() as u64, "leaving the consumer group and joining it again");
+        wait
+    }
 }
 
 /// `/metrics`, `/healthz` and `/readyz`, served until shutdown or until
@@ -283,8 +328,15 @@ impl Pipeline {
             if self.shutdown.is_cancelled() {
                 return Err(Stopped::Shutdown);
             }
-            for change in self.source.changes() {
-                self.rebalance(change).await?;
+            let mut changes = self.source.changes().into_iter();
+            while let Some(change) = changes.next() {
+                if let Err(stopped) = self.rebalance(&change).await {
+                    // librdkafka waits for every change to be carried out,
+                    // and closing the consumer would wait forever: what is
+                    // left is carried out by the close (`Source`'s drop).
+                    self.source.requeue(std::iter::once(change).chain(changes));
+                    return Err(stopped);
+                }
             }
             while let Some(recorded) = self.committer.next().now_or_never() {
                 self.recorded(recorded)?;
@@ -330,10 +382,10 @@ impl Pipeline {
 
     /// Carries out a change of this instance's partitions (see
     /// [`adopt`](Pipeline::adopt), [`release`](Pipeline::release)).
-    async fn rebalance(&mut self, change: Change) -> Step<()> {
+    async fn rebalance(&mut self, change: &Change) -> Step<()> {
         let started = std::time::Instant::now();
         let kind = change.kind();
-        let partitions = match &change {
+        let partitions = match change {
             Change::Assign(p) => {
                 self.adopt(p).await?;
                 let health = &self.checkpoint.health;
@@ -345,8 +397,8 @@ impl Pipeline {
                 p
             }
             Change::Lost(p) => {
-                // Another instance may hold them already: then their batches
-                // in flight are fenced, and the service stops.
+                // Another instance may hold them already: then the batches
+                // in flight are fenced, and the instance joins again.
                 tracing::warn!(partitions = ?p, "the consumer group says this instance lost partitions (its session or generation expired); letting them go");
                 self.release(p).await?;
                 p

@@ -272,6 +272,20 @@ impl Source {
             .collect()
     }
 
+    /// Puts back `changes` not carried out, in order, ahead of any queued
+    /// since.
+    pub fn requeue(&self, changes: impl DoubleEndedIterator<Item = Change>) {
+        let mut queue = self
+            .consumer
+            .context()
+            .changes
+            .lock()
+            .expect("not poisoned");
+        for change in changes.rev() {
+            queue.push_front(change);
+        }
+    }
+
     /// Starts reading assigned partitions from `start` (the next offset of
     /// each): completes a [`Change::Assign`].
     pub fn start_reading(&self, start: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {

@@ -363,11 +363,25 @@ impl Tail {
         quiet: Duration,
         done: impl Fn(&[Record]) -> bool,
     ) -> Vec<Record> {
+        let reading = || {
+            let stopped = self.handle.as_ref().is_none_or(|h| h.is_finished());
+            assert!(
+                !stopped,
+                "the reader of the topic stopped (see its panic above)"
+            );
+        };
         wait_for(what, timeout, || {
+            reading();
             done(&self.seen.lock().unwrap()).then_some(())
         });
+        let deadline = Instant::now() + timeout;
         let mut last = (self.seen.lock().unwrap().len(), Instant::now());
         loop {
+            assert!(
+                Instant::now() < deadline,
+                "messages kept arriving for {timeout:?} after {what}"
+            );
+            reading();
             std::thread::sleep(Duration::from_millis(100));
             let n = self.seen.lock().unwrap().len();
             if n != last.0 {
