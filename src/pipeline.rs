@@ -22,7 +22,7 @@ use crate::checkpoint::{Checkpoint, Committer, Recorded};
 use crate::config::Settings;
 use crate::infra::clock;
 use crate::infra::health::{self, Health};
-use crate::infra::retry::{until_done, Failure, Stopped};
+use crate::infra::retry::{backoff, until_done, Failure, Stopped};
 use crate::mirror::{self, Follower};
 use crate::partitions::{self, Scope};
 use crate::planner::Planner;
@@ -164,14 +164,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 /// group gives it from the durable state. Rejoins that follow each other
 /// quickly wait longer and longer (two instances given the same partitions
 /// would otherwise fence each other in a tight loop).
-#[derive(Default)]
 struct Rejoins {
-    /// Fences in a row, each within [`REJOIN_RESET`] of the last start.
-    in_a_row: u32,
+    /// The waits of this run of fences, from the outages' [`backoff`].
+    delays: Box<dyn Iterator<Item = Duration> + Send>,
 }
 
 /// A pipeline that ran this long before its fence starts the backoff over.
 const REJOIN_RESET: Duration = Duration::from_secs(60);
+
+impl Default for Rejoins {
+    fn default() -> Self {
+        Rejoins {
+            delays: Box::new(backoff()),
+        }
+    }
+}
 
 impl Rejoins {
     /// Counts the fence and says how long to wait before joining again.
@@ -182,11 +189,9 @@ impl Rejoins {
         health: &Health,
     ) -> Duration {
         if ran >= REJOIN_RESET {
-            self.in_a_row = 0;
+            *self = Rejoins::default();
         }
-        let wait = Duration::from_millis(500 * 2u64.pow(self.in_a_row.min(6)))
-            .min(Duration::from_secs(30));
-        self.in_a_row += 1;
+        let wait = self.delays.next().expect("the backoff never ends");
         health.joined.store(false, Ordering::Relaxed);
         metrics::counter!("promo_fanout_rebalances_total", "kind" => "fenced").increment(1);
         metrics::gauge!("promo_fanout_partitions_held").set(0.0);
