@@ -360,6 +360,58 @@ fn a_restart_resends_nothing_and_new_actions_flow() {
     assert_eq!(db.feedback(), expected);
 }
 
+/// Feedback rows already in the table (written by the job this service
+/// replaces, or by a holder that has since lost its partition) are left as
+/// they are: the batch's append refuses them, and the batch is written
+/// again, idempotently, around them.
+#[test]
+fn feedback_rows_already_written_are_left_alone() {
+    let db = Db::migrated();
+    let topics = Topics::new(2);
+    let state = tempfile::tempdir().unwrap();
+    let r = u();
+    let clients = db.new_subscribers(r, 50);
+    let k = u();
+    let action = live_action(r, k);
+    let already = &clients[..5];
+    db.client()
+        .execute(
+            "INSERT INTO subscribers_feedback (restaurant_id, adv_campaign_id, \
+             adv_campaign_content, adv_campaign_datetime_start, adv_campaign_datetime_end, \
+             datetime_created, client_id, trigger_datetime_created, feedback) \
+             SELECT $1, $2, 'written before', now(), now(), now(), c, now(), 'liked' \
+             FROM unnest($3::uuid[]) c",
+            &[&r, &k, &already],
+        )
+        .unwrap();
+
+    let mut service = Service::start(&db, &topics, state.path(), &[]);
+    Producer::new().send_action(&topics.input, &action);
+    let mut push = Reader::new(&topics.output);
+    push.until(50, WAIT);
+    let campaign = wait_for("the campaign to be done", WAIT, || {
+        let campaign = dump(state.path(), Some("campaigns")).pop()?;
+        (campaign["progress"]["state"] == "done").then_some(campaign)
+    });
+    assert_eq!(campaign["progress"]["state"], "done");
+
+    let mut expected: Vec<_> = clients.iter().map(|c| (r, k, *c)).collect();
+    expected.sort();
+    assert_eq!(db.feedback(), expected, "one row per client");
+    let kept: i64 = db
+        .client()
+        .query_one(
+            "SELECT count(*) FROM subscribers_feedback \
+             WHERE adv_campaign_content = 'written before' AND feedback = 'liked'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 5, "the rows written before are untouched");
+    assert!(service.logged("writing it again, leaving rows already there alone"));
+    assert!(service.stop().success());
+}
+
 #[test]
 fn a_large_fan_out_goes_in_chunks_exactly_once() {
     let db = Db::migrated();

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use promo_fanout_state::{Action, Ownership};
 use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
 
@@ -19,15 +21,49 @@ use crate::partitions::{self, Scope};
 /// Campaigns a sink refused for what is in them, with the sink's reason.
 pub type Refusals = BTreeMap<CampaignKey, String>;
 
-const INSERT: &str = "\
-INSERT INTO subscribers_feedback (
-    restaurant_id, adv_campaign_id, adv_campaign_content, adv_campaign_owner,
-    adv_campaign_owner_contact, adv_campaign_datetime_start, adv_campaign_datetime_end,
-    datetime_created, client_id, trigger_datetime_created)
-SELECT * FROM UNNEST(
-    $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
-    $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::uuid[], $10::timestamptz[])
-ON CONFLICT (restaurant_id, adv_campaign_id, client_id) DO NOTHING";
+/// The columns a notification fills, in the order [`INSERT`] and [`COPY`]
+/// take them.
+macro_rules! feedback_columns {
+    () => {
+        "restaurant_id, adv_campaign_id, adv_campaign_content, adv_campaign_owner, \
+         adv_campaign_owner_contact, adv_campaign_datetime_start, adv_campaign_datetime_end, \
+         datetime_created, client_id, trigger_datetime_created"
+    };
+}
+
+/// Inserts rows, leaving those already there alone: a batch written again.
+const INSERT: &str = concat!(
+    "INSERT INTO subscribers_feedback (",
+    feedback_columns!(),
+    ") SELECT * FROM UNNEST(\
+     $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
+     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::uuid[], $10::timestamptz[]) \
+     ON CONFLICT (restaurant_id, adv_campaign_id, client_id) DO NOTHING"
+);
+
+/// Appends rows; fails on a row already there. Binary COPY writes a page of
+/// rows per WAL record where `INSERT … ON CONFLICT` writes two per row
+/// (the speculative insertion and its confirmation), which is also less
+/// for the change feed's walsender to decode.
+const COPY: &str = concat!(
+    "COPY subscribers_feedback (",
+    feedback_columns!(),
+    ") FROM STDIN (FORMAT binary)"
+);
+
+/// The types of [`COPY`]'s columns, as the migrations create them.
+const COPY_TYPES: [Type; 10] = [
+    Type::UUID,
+    Type::UUID,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::TIMESTAMPTZ,
+    Type::TIMESTAMPTZ,
+    Type::UUID,
+    Type::TIMESTAMPTZ,
+];
 
 /// The action columns of `subscribers_feedback`, times as Unix seconds: a
 /// SELECT list that [`action_of`] reads back, from column 0.
@@ -214,12 +250,23 @@ impl Open {
     }
 }
 
-/// The whole batch in one statement, in a transaction left open; only when
-/// Postgres refuses it for its content, again campaign by campaign (halving,
-/// each half under a savepoint) until the refused ones are found.
+/// The whole batch in one COPY, in a transaction left open; when Postgres
+/// refuses it (rows already there from an earlier attempt, or content it
+/// does not take), again in one idempotent statement, and when that is
+/// refused too, campaign by campaign (halving, each half under a savepoint)
+/// until the refused ones are found.
 async fn write_isolating(client: &Client, batch: &[&Notification]) -> Result<Refusals, Failure> {
     let pg = Failure::Postgres;
     client.batch_execute("BEGIN").await.map_err(pg)?;
+    let error = match copy(client, batch).await {
+        Ok(_) => return Ok(Refusals::new()),
+        Err(e) => Failure::Postgres(e),
+    };
+    if classify(&error) != Disposition::Refuse {
+        return Err(error);
+    }
+    tracing::info!(%error, notifications = batch.len(), "postgres refused the batch's append; writing it again, leaving rows already there alone");
+    client.batch_execute("ROLLBACK; BEGIN").await.map_err(pg)?;
     let error = match insert(client, &Rows::new(batch.iter().copied())).await {
         Ok(_) => return Ok(Refusals::new()),
         Err(e) => Failure::Postgres(e),
@@ -322,6 +369,31 @@ impl<'a> Rows<'a> {
         }
         rows
     }
+}
+
+/// One binary COPY of a row per notification.
+async fn copy(client: &Client, batch: &[&Notification]) -> Result<u64, tokio_postgres::Error> {
+    let writer = BinaryCopyInWriter::new(client.copy_in(COPY).await?, &COPY_TYPES);
+    futures::pin_mut!(writer);
+    for n in batch {
+        let a = &n.campaign.action;
+        writer
+            .as_mut()
+            .write(&[
+                &a.restaurant_id,
+                &a.adv_campaign_id,
+                &a.adv_campaign_content,
+                &a.adv_campaign_owner,
+                &a.adv_campaign_owner_contact,
+                &unix(a.adv_campaign_datetime_start),
+                &unix(a.adv_campaign_datetime_end),
+                &unix(a.datetime_created),
+                &n.client_id,
+                &unix(n.trigger_datetime_created),
+            ])
+            .await?;
+    }
+    writer.finish().await
 }
 
 /// One statement inserting `rows`, `ON CONFLICT DO NOTHING`.
