@@ -201,11 +201,14 @@ const QUEUED_MAX_KBYTES: &str = "16384";
 /// A dead instance is noticed after 6 s (the smallest session Kafka brokers
 /// accept by default, `group.min.session.timeout.ms`) rather than
 /// librdkafka's 45 s, with a heartbeat every 2 s (a third of it, so that one
-/// lost heartbeat does not end the session).
+/// lost heartbeat does not end the session). Partitions added to the input
+/// topic are noticed at the next metadata refresh, which rebalances the
+/// group: every 10 s rather than librdkafka's 5 min (one small request).
 const GROUP_DEFAULTS: &[(&str, &str)] = &[
     ("partition.assignment.strategy", "cooperative-sticky"),
     ("session.timeout.ms", "6000"),
     ("heartbeat.interval.ms", "2000"),
+    ("topic.metadata.refresh.interval.ms", "10000"),
 ];
 
 impl Source {

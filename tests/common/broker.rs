@@ -403,24 +403,49 @@ impl Drop for Tail {
 }
 
 /// A tansu broker of the test's own, on a free loopback port, for faults that
-/// would disturb the shared one (freezing it). Killed on drop.
+/// would disturb the shared one (freezing it, adding partitions). Killed on
+/// drop.
 pub struct PrivateBroker {
     pub child: Child,
     pub addr: String,
+    /// The folder of its SQLite storage, when it has one.
+    dir: Option<tempfile::TempDir>,
 }
 
+/// The SQLite database of a [`PrivateBroker::on_sqlite`], in its folder.
+const TANSU_DB: &str = "tansu.db";
+
 impl PrivateBroker {
+    /// Keeps topics in memory, as the shared broker does.
     pub fn start() -> PrivateBroker {
+        PrivateBroker::spawn("memory://tansu/", None)
+    }
+
+    /// Keeps topics in a SQLite database of its own, where a test can
+    /// change what no Kafka request of tansu's can (see
+    /// [`add_partition`](PrivateBroker::add_partition)).
+    pub fn on_sqlite() -> PrivateBroker {
+        let dir = tempfile::tempdir().unwrap();
+        PrivateBroker::spawn(&format!("sqlite://{TANSU_DB}"), Some(dir))
+    }
+
+    fn spawn(storage: &str, dir: Option<tempfile::TempDir>) -> PrivateBroker {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let url = format!("tcp://{addr}");
         let tansu = std::env::var("PF_TEST_TANSU").unwrap_or_else(|_| "tansu".into());
-        let child = Command::new(&tansu)
+        let mut command = Command::new(&tansu);
+        command
             .args(["broker", "--listener-url", &url])
             .args(["--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
+            .args(["--storage-engine", storage])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::null());
+        // tansu opens a SQLite database relative to its working directory.
+        if let Some(dir) = &dir {
+            command.current_dir(dir.path());
+        }
+        let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {tansu} (scripts/test.sh installs it): {e}"));
         wait_for(
@@ -428,7 +453,41 @@ impl PrivateBroker {
             Duration::from_secs(30),
             || std::net::TcpStream::connect(&addr).ok(),
         );
-        PrivateBroker { child, addr }
+        PrivateBroker { child, addr, dir }
+    }
+
+    /// Adds a partition to `topic` as Kafka's CreatePartitions would, in
+    /// the broker's SQLite storage: the topic's partition count (which its
+    /// metadata answers report), the partition, and its offsets. Returns the
+    /// new partition.
+    pub fn add_partition(&self, topic: &str) -> i32 {
+        let dir = self.dir.as_ref().expect("a broker on SQLite");
+        let mut db = rusqlite::Connection::open(dir.path().join(TANSU_DB)).unwrap();
+        db.busy_timeout(Duration::from_secs(10)).unwrap();
+        let tx = db.transaction().unwrap();
+        let partition: i32 = tx
+            .query_row(
+                "UPDATE topic SET partitions = partitions + 1 WHERE name = ?1 \
+                 RETURNING partitions - 1",
+                [topic],
+                |row| row.get(0),
+            )
+            .unwrap();
+        tx.execute(
+            "INSERT INTO topition (topic, partition) \
+             SELECT id, ?2 FROM topic WHERE name = ?1",
+            rusqlite::params![topic, partition],
+        )
+        .unwrap();
+        tx.execute(
+            "INSERT INTO watermark (topition) \
+             SELECT tp.id FROM topition tp JOIN topic t ON tp.topic = t.id \
+             WHERE t.name = ?1 AND tp.partition = ?2",
+            rusqlite::params![topic, partition],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        partition
     }
 
     /// SIGSTOP: the process stays, its connections stay open, nothing answers.
