@@ -426,7 +426,10 @@ impl Bench {
             .unwrap();
         w.write_all(data.as_bytes()).unwrap();
         w.finish().unwrap();
-        let copy = n as f64 / started.elapsed().as_secs_f64();
+        let text = n as f64 / started.elapsed().as_secs_f64();
+        let binary = raw_binary_copy(&mut pg, r, n);
+        // The limit is the faster of the two formats.
+        let copy = text.max(binary);
 
         let k = Uuid::new_v4();
         let started = Instant::now();
@@ -452,9 +455,19 @@ impl Bench {
         drop(pg);
         drop_db(&scratch);
         self.row(
+            "raw Postgres COPY, text",
+            format!("{text:.0} rows/s"),
+            &format!("{n} rows, one statement"),
+        );
+        self.row(
+            "raw Postgres COPY, binary",
+            format!("{binary:.0} rows/s"),
+            &format!("{n} rows, one statement"),
+        );
+        self.row(
             "raw Postgres COPY",
             format!("{copy:.0} rows/s"),
-            &format!("{n} rows"),
+            "the faster format: the limit",
         );
         self.row(
             "raw Postgres INSERT … ON CONFLICT",
@@ -1294,4 +1307,55 @@ fn wait_until<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<
         assert!(started.elapsed() < limit, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `n` feedback rows of one campaign of restaurant `r` in one binary COPY:
+/// rows/s.
+fn raw_binary_copy(pg: &mut postgres::Client, r: Uuid, n: u64) -> f64 {
+    use postgres::binary_copy::BinaryCopyInWriter;
+    use postgres::types::Type;
+    let k = Uuid::new_v4();
+    let at = chrono::DateTime::parse_from_rfc3339("2026-11-22T10:00:00Z")
+        .unwrap()
+        .to_utc();
+    let clients: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+    let started = Instant::now();
+    let sink = pg
+        .copy_in(
+            "COPY subscribers_feedback (restaurant_id, adv_campaign_id, adv_campaign_content, \
+             adv_campaign_owner, adv_campaign_owner_contact, adv_campaign_datetime_start, \
+             adv_campaign_datetime_end, datetime_created, client_id, trigger_datetime_created) \
+             FROM STDIN (FORMAT binary)",
+        )
+        .unwrap();
+    let types = [
+        Type::UUID,
+        Type::UUID,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::UUID,
+        Type::TIMESTAMPTZ,
+    ];
+    let mut w = BinaryCopyInWriter::new(sink, &types);
+    for c in &clients {
+        w.write(&[
+            &r,
+            &k,
+            &"Two pizzas for the price of one, today only",
+            &"Ivan Ivanov",
+            &"ivan@example.com",
+            &at,
+            &at,
+            &at,
+            c,
+            &at,
+        ])
+        .unwrap();
+    }
+    w.finish().unwrap();
+    n as f64 / started.elapsed().as_secs_f64()
 }

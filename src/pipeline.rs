@@ -584,6 +584,7 @@ async fn take_partitions(
                 .await
                 .map_err(Failure::Postgres)?;
             let taken = partitions::take(&client, scope, partitions).await?;
+            crate::failpoint!("after-take");
             partitions::restore(store, &mut client, scope, &taken, retention).await
         },
         shutdown,

@@ -75,6 +75,13 @@ impl Fanout {
 
     /// Instance `name`, with a state directory of its own, in the group.
     fn instance(&self, name: &str) -> Service {
+        let mut service = self.spawn(name, Vec::new());
+        service.wait_ready();
+        service
+    }
+
+    /// Instance `name` started with `env`, not waited for.
+    fn spawn(&self, name: &str, env: Vec<(String, String)>) -> Service {
         let state = self.state_dir(name);
         let mut args = Service::settings(&self.db, &self.topics, &state);
         Service::set_flag(&mut args, "--instance-id", name.to_owned());
@@ -94,9 +101,7 @@ impl Fanout {
             args.push("--kafka".into());
             args.push(format!("partition.assignment.strategy={strategy}"));
         }
-        let mut service = Service::spawn(args, Vec::new(), &state);
-        service.wait_ready();
-        service
+        Service::spawn(args, env, &state)
     }
 
     /// The campaigns of the partitions `instance` holds, from Postgres.
@@ -512,6 +517,56 @@ fn a_fenced_instance_joins_the_group_again_and_finishes() {
     assert!(a.logged("leaving the consumer group and joining it again"));
     let after = holders(&fanout);
     for (p, (epoch, owner)) in &before {
+        assert_eq!(
+            after[p],
+            (epoch + 2, owner.clone()),
+            "partition {p}: taken back after the intruder"
+        );
+    }
+    assert!(a.stop().success(), "the instance ran on after the fence");
+}
+
+/// A fence in the middle of a rebalance: another holder raises the
+/// partitions' epochs between the instance's take and its first write of
+/// them (the fail point `after-take` holds it there). The instance hands the
+/// half-done rebalance to the consumer's close, leaves the group, joins
+/// again and finishes, instead of waiting for ever on its close.
+#[cfg(feature = "failpoints")]
+#[test]
+fn an_instance_fenced_while_taking_its_partitions_joins_again_and_finishes() {
+    let fanout = Fanout::new(4, 2_000);
+    let failpoint = (
+        "PROMO_FANOUT_FAILPOINTS".into(),
+        "after-take=1*sleep(5000)".into(),
+    );
+    let mut a = fanout.spawn("a", vec![failpoint]);
+    let taken = wait_for("the partitions to be taken", WAIT, || {
+        let held = holders(&fanout);
+        (held.len() == PARTITIONS as usize).then_some(held)
+    });
+    fanout
+        .db
+        .client()
+        .execute(
+            "UPDATE promo_fanout_partitions SET epoch = epoch + 1, owner = 'intruder' \
+             WHERE topic = $1",
+            &[&fanout.topics.input],
+        )
+        .unwrap();
+
+    a.wait_ready();
+    fanout.produce();
+    let repeats = fanout.finished();
+    assert_eq!(repeats, 0, "nothing was in flight");
+    assert_eq!(
+        a.metric("promo_fanout_rebalances_total{kind=\"fenced\"}"),
+        1.0,
+        "the fence is counted once"
+    );
+    assert!(a.logged("leaving the consumer group and joining it again"));
+    let after = holders(&fanout);
+    for (p, (epoch, owner)) in &taken {
+        assert_eq!(owner, "a");
         assert_eq!(
             after[p],
             (epoch + 2, owner.clone()),
