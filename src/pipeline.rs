@@ -80,12 +80,11 @@ pub enum RunError {
 impl RunError {
     /// Another instance took this one's partitions, while it recorded a
     /// batch or took them itself.
-    fn fenced(&self) -> Option<&crate::partitions::Fenced> {
-        match self {
-            RunError::Delivery(Failure::Fenced(fenced))
-            | RunError::Partitions(Failure::Fenced(fenced)) => Some(fenced),
-            _ => None,
-        }
+    fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            RunError::Delivery(Failure::Fenced(_)) | RunError::Partitions(Failure::Fenced(_))
+        )
     }
 }
 
@@ -137,15 +136,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             Err(Stopped::Shutdown) => Ok(()),
             Err(Stopped::Fatal(error)) => Err(error),
         };
-        let Some(fenced) = outcome.as_ref().err().and_then(RunError::fenced) else {
+        let Some(error) = outcome.as_ref().err().filter(|e| e.is_fenced()) else {
             break outcome;
         };
         if shutdown.is_cancelled() {
             // Stopping anyway: what was in flight is the new holder's.
-            tracing::warn!(%fenced, "stopped; the batches in flight were fenced");
+            tracing::warn!(%error, "stopped; the batches in flight were fenced");
             break Ok(());
         }
-        let wait = rejoins.after(fenced, ran_from.elapsed(), &health);
+        let wait = rejoins.after(error, ran_from.elapsed(), &health);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => break Ok(()),
@@ -181,13 +180,10 @@ impl Default for Rejoins {
 }
 
 impl Rejoins {
-    /// Counts the fence and says how long to wait before joining again.
-    fn after(
-        &mut self,
-        fenced: &crate::partitions::Fenced,
-        ran: Duration,
-        health: &Health,
-    ) -> Duration {
+    /// Counts the fence (`fenced`: the error it stopped the pipeline with,
+    /// saying where it struck) and says how long to wait before joining
+    /// again.
+    fn after(&mut self, fenced: &RunError, ran: Duration, health: &Health) -> Duration {
         if ran >= REJOIN_RESET {
             *self = Rejoins::default();
         }

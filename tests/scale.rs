@@ -528,13 +528,35 @@ fn a_fenced_instance_joins_the_group_again_and_finishes() {
 
 /// A fence in the middle of a rebalance: another holder raises the
 /// partitions' epochs between the instance's take and its first write of
-/// them (the fail point `after-take` holds it there). The instance hands the
+/// them, which here is the seeding of Postgres from the store (a store that
+/// recorded its partitions against a database that has lost their state,
+/// as after an upgrade from a single-node build). The fail point
+/// `after-take` holds the instance between the two. The instance hands the
 /// half-done rebalance to the consumer's close, leaves the group, joins
-/// again and finishes, instead of waiting for ever on its close.
+/// again, seeds, and finishes, having pushed nothing under the lost hold.
 #[cfg(feature = "failpoints")]
 #[test]
 fn an_instance_fenced_while_taking_its_partitions_joins_again_and_finishes() {
-    let fanout = Fanout::new(4, 2_000);
+    let fanout = Fanout::new(2 * PARTITIONS as usize, 1_000);
+    let first = 0..PARTITIONS as usize;
+    let first_campaigns: Vec<Uuid> = fanout.campaigns[first.clone()]
+        .iter()
+        .map(|(_, k, _)| *k)
+        .collect();
+    let mut a = fanout.instance("a");
+    fanout.produce_some(first);
+    wait_for("the first campaigns to be recorded", WAIT, || {
+        let expected = fanout.expected_of(&first_campaigns);
+        (fanout.rows_of(&first_campaigns) == expected).then_some(())
+    });
+    assert!(a.stop().success());
+    let mut pg = fanout.db.client();
+    for table in ["promo_fanout_partitions", "promo_fanout_campaigns"] {
+        let forget = format!("DELETE FROM {table} WHERE topic = $1");
+        pg.execute(forget.as_str(), &[&fanout.topics.input])
+            .unwrap();
+    }
+
     let failpoint = (
         "PROMO_FANOUT_FAILPOINTS".into(),
         "after-take=1*sleep(5000)".into(),
@@ -544,24 +566,25 @@ fn an_instance_fenced_while_taking_its_partitions_joins_again_and_finishes() {
         let held = holders(&fanout);
         (held.len() == PARTITIONS as usize).then_some(held)
     });
-    fanout
-        .db
-        .client()
-        .execute(
-            "UPDATE promo_fanout_partitions SET epoch = epoch + 1, owner = 'intruder' \
-             WHERE topic = $1",
-            &[&fanout.topics.input],
-        )
-        .unwrap();
+    pg.execute(
+        "UPDATE promo_fanout_partitions SET epoch = epoch + 1, owner = 'intruder' \
+         WHERE topic = $1",
+        &[&fanout.topics.input],
+    )
+    .unwrap();
 
     a.wait_ready();
-    fanout.produce();
+    fanout.produce_some(PARTITIONS as usize..fanout.campaigns.len());
     let repeats = fanout.finished();
-    assert_eq!(repeats, 0, "nothing was in flight");
+    assert_eq!(repeats, 0, "nothing was pushed under the lost hold");
     assert_eq!(
         a.metric("promo_fanout_rebalances_total{kind=\"fenced\"}"),
         1.0,
         "the fence is counted once"
+    );
+    assert!(
+        a.logged("taking the input partitions: input partitions"),
+        "the fence struck while taking the partitions"
     );
     assert!(a.logged("leaving the consumer group and joining it again"));
     let after = holders(&fanout);

@@ -1,6 +1,7 @@
-//! `subscribers_feedback`: one idempotent transaction per batch, in which the
-//! campaigns whose rows Postgres refuses (a constraint, a trigger, a value
-//! out of range) are isolated and left out, and the rest written; committed
+//! `subscribers_feedback`: one transaction per batch, appended by binary COPY
+//! and written again idempotently when rows of it are already there, in
+//! which the campaigns whose rows Postgres refuses (a constraint, a trigger,
+//! a value out of range) are isolated and left out, and the rest written; committed
 //! with the state of the batch's partitions once its pushes are acknowledged.
 
 use std::collections::BTreeMap;
@@ -10,6 +11,7 @@ use chrono::{DateTime, Utc};
 use promo_fanout_state::{Action, Ownership};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
@@ -250,27 +252,27 @@ impl Open {
     }
 }
 
-/// The whole batch in one COPY, in a transaction left open; when Postgres
-/// refuses it (rows already there from an earlier attempt, or content it
-/// does not take), again in one idempotent statement, and when that is
-/// refused too, campaign by campaign (halving, each half under a savepoint)
-/// until the refused ones are found.
+/// The whole batch in one COPY, in a transaction left open; when rows of it
+/// are already there (an earlier attempt of the batch committed), again in
+/// one statement that leaves them alone; when Postgres refuses the content,
+/// campaign by campaign (halving, each half under a savepoint) until the
+/// refused ones are found.
 async fn write_isolating(client: &Client, batch: &[&Notification]) -> Result<Refusals, Failure> {
     let pg = Failure::Postgres;
     client.batch_execute("BEGIN").await.map_err(pg)?;
-    let error = match copy(client, batch).await {
+    let mut error = match copy(client, batch).await {
         Ok(_) => return Ok(Refusals::new()),
-        Err(e) => Failure::Postgres(e),
+        Err(e) => e,
     };
-    if classify(&error) != Disposition::Refuse {
-        return Err(error);
+    if error.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+        tracing::info!(error = %postgres_text(&error), notifications = batch.len(), "rows of the batch are already in subscribers_feedback; writing it again, leaving them alone");
+        client.batch_execute("ROLLBACK; BEGIN").await.map_err(pg)?;
+        error = match insert(client, &Rows::new(batch.iter().copied())).await {
+            Ok(_) => return Ok(Refusals::new()),
+            Err(e) => e,
+        };
     }
-    tracing::info!(%error, notifications = batch.len(), "postgres refused the batch's append; writing it again, leaving rows already there alone");
-    client.batch_execute("ROLLBACK; BEGIN").await.map_err(pg)?;
-    let error = match insert(client, &Rows::new(batch.iter().copied())).await {
-        Ok(_) => return Ok(Refusals::new()),
-        Err(e) => Failure::Postgres(e),
-    };
+    let error = Failure::Postgres(error);
     if classify(&error) != Disposition::Refuse {
         return Err(error);
     }
@@ -325,7 +327,7 @@ async fn write_isolating(client: &Client, batch: &[&Notification]) -> Result<Ref
     Ok(refused)
 }
 
-/// Feedback rows, column by column as the INSERT takes them: one per
+/// Feedback rows, column by column as [`INSERT`] takes them: one per
 /// notification, the action's fields, the client and the trigger time.
 struct Rows<'a> {
     restaurant: Vec<Uuid>,
