@@ -483,17 +483,7 @@ impl Bench {
     fn raw_kafka(&mut self, n: u64) -> f64 {
         let t = self.topics(PARTITIONS);
         let producer = self.producer();
-        let value = serde_json::json!({
-            "restaurant_id": Uuid::new_v4(), "adv_campaign_id": Uuid::new_v4(),
-            "adv_campaign_content": "Two pizzas for the price of one, today only",
-            "adv_campaign_owner": "Ivan Ivanov", "adv_campaign_owner_contact": "ivan@example.com",
-            "adv_campaign_datetime_start": 1, "adv_campaign_datetime_end": 2,
-            "datetime_created": 0, "client_id": Uuid::new_v4(), "trigger_datetime_created": 1,
-        })
-        .to_string();
-        let values: Vec<(String, String)> = (0..n)
-            .map(|_| (Uuid::new_v4().to_string(), value.clone()))
-            .collect();
+        let values = push_values(n);
         let started = Instant::now();
         self.produce_all(&producer, &t.output, &values);
         let rate = n as f64 / started.elapsed().as_secs_f64();
@@ -503,6 +493,30 @@ impl Bench {
             &format!("{n} messages, {PARTITIONS} partitions, acks=all"),
         );
         self.plotted.push(("raw produce".into(), rate));
+        rate
+    }
+
+    /// The raw job with both sinks at once, as the service does it: `n`
+    /// feedback rows by binary COPY on one connection while `n` push
+    /// messages are produced: rows/s until both are done.
+    fn raw_both(&mut self, n: u64) -> f64 {
+        let scratch = scratch_db(&self.admin_url, "pf_e2e");
+        let mut pg = postgres::Client::connect(&scratch.url, postgres::NoTls).unwrap();
+        let t = self.topics(PARTITIONS);
+        let producer = self.producer();
+        let values = push_values(n);
+        let started = Instant::now();
+        let copy = std::thread::spawn(move || raw_binary_copy(&mut pg, Uuid::new_v4(), n));
+        self.produce_all(&producer, &t.output, &values);
+        copy.join().unwrap();
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        drop_db(&scratch);
+        self.row(
+            "raw COPY and produce at once",
+            format!("{rate:.0} rows/s"),
+            &format!("{n} rows by binary COPY while {n} messages are produced"),
+        );
+        self.plotted.push(("raw both".into(), rate));
         rate
     }
 
@@ -1107,6 +1121,7 @@ fn main() {
         let (copy, insert) = b.raw_postgres(total);
         limit = limit.min(copy.max(insert));
         limit = limit.min(b.raw_kafka(total));
+        let both = b.raw_both(total);
         let rate = b.throughput(&load, "cdc");
         end_to_end = Some(rate);
         b.row(
@@ -1118,6 +1133,11 @@ fn main() {
             "end to end (cdc) ÷ raw Postgres COPY",
             format!("{:.2}", rate / copy),
             "target ≥ 0.8",
+        );
+        b.row(
+            "end to end (cdc) ÷ raw COPY and produce at once",
+            format!("{:.2}", rate / both),
+            "both sinks, as the service writes them",
         );
         if std::env::var("PF_E2E_REFRESH").map_or(true, |v| v != "0") {
             let refresh = b.throughput(&load, "refresh");
@@ -1358,4 +1378,19 @@ fn raw_binary_copy(pg: &mut postgres::Client, r: Uuid, n: u64) -> f64 {
     }
     w.finish().unwrap();
     n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// `n` push-shaped messages: (key, value).
+fn push_values(n: u64) -> Vec<(String, String)> {
+    let value = serde_json::json!({
+        "restaurant_id": Uuid::new_v4(), "adv_campaign_id": Uuid::new_v4(),
+        "adv_campaign_content": "Two pizzas for the price of one, today only",
+        "adv_campaign_owner": "Ivan Ivanov", "adv_campaign_owner_contact": "ivan@example.com",
+        "adv_campaign_datetime_start": 1, "adv_campaign_datetime_end": 2,
+        "datetime_created": 0, "client_id": Uuid::new_v4(), "trigger_datetime_created": 1,
+    })
+    .to_string();
+    (0..n)
+        .map(|_| (Uuid::new_v4().to_string(), value.clone()))
+        .collect()
 }

@@ -132,6 +132,16 @@ impl Service {
         self.wait_ready();
     }
 
+    /// How many log lines so far contain `needle`.
+    pub fn logged_times(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// Whether a log line so far contains `needle`.
     pub fn logged(&self, needle: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
