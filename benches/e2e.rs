@@ -23,6 +23,9 @@
 //! - `PF_E2E_PEERS` [quix,flink]: the peers in `benches/peers/` run on the
 //!   throughput run's data (installed by `scripts/peers.sh`);
 //!
+//! The throughput load runs with `mirror-mode cdc`, then `refresh`
+//! (`PF_E2E_REFRESH=0`: not; `PF_E2E_REFRESH_FIRST=1`: `refresh` first).
+//!
 //! A stage set to 0 (or empty) is skipped. `PF_E2E_SERVICE_ARGS` adds flags to the
 //! service, e.g. `--chunk-size 20000`. Prints one Markdown table and writes it to
 //! `target/bench/e2e.md`, with a plot in `target/bench/e2e.svg`.
@@ -1122,6 +1125,10 @@ fn main() {
         limit = limit.min(copy.max(insert));
         limit = limit.min(b.raw_kafka(total));
         let both = b.raw_both(total);
+        let refresh_on = std::env::var("PF_E2E_REFRESH").map_or(true, |v| v != "0");
+        let refresh_first =
+            refresh_on && std::env::var("PF_E2E_REFRESH_FIRST").is_ok_and(|v| v == "1");
+        let mut refresh = refresh_first.then(|| b.throughput(&load, "refresh"));
         let rate = b.throughput(&load, "cdc");
         end_to_end = Some(rate);
         b.row(
@@ -1139,8 +1146,8 @@ fn main() {
             format!("{:.2}", rate / both),
             "both sinks, as the service writes them",
         );
-        if std::env::var("PF_E2E_REFRESH").map_or(true, |v| v != "0") {
-            let refresh = b.throughput(&load, "refresh");
+        if refresh_on {
+            let refresh = *refresh.get_or_insert_with(|| b.throughput(&load, "refresh"));
             b.row(
                 "end to end, cdc ÷ refresh",
                 format!("{:.2}", rate / refresh),
