@@ -1336,38 +1336,19 @@ fn wait_until<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<
     }
 }
 
-/// `n` feedback rows of one campaign of restaurant `r` in one binary COPY:
-/// rows/s.
+/// `n` feedback rows of one campaign of restaurant `r` in one binary COPY,
+/// the service's own statement: rows/s.
 fn raw_binary_copy(pg: &mut postgres::Client, r: Uuid, n: u64) -> f64 {
     use postgres::binary_copy::BinaryCopyInWriter;
-    use postgres::types::Type;
+    use promo_fanout::sinks::{FEEDBACK_COPY, FEEDBACK_COPY_TYPES};
     let k = Uuid::new_v4();
     let at = chrono::DateTime::parse_from_rfc3339("2026-11-22T10:00:00Z")
         .unwrap()
         .to_utc();
     let clients: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
     let started = Instant::now();
-    let sink = pg
-        .copy_in(
-            "COPY subscribers_feedback (restaurant_id, adv_campaign_id, adv_campaign_content, \
-             adv_campaign_owner, adv_campaign_owner_contact, adv_campaign_datetime_start, \
-             adv_campaign_datetime_end, datetime_created, client_id, trigger_datetime_created) \
-             FROM STDIN (FORMAT binary)",
-        )
-        .unwrap();
-    let types = [
-        Type::UUID,
-        Type::UUID,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TIMESTAMPTZ,
-        Type::TIMESTAMPTZ,
-        Type::TIMESTAMPTZ,
-        Type::UUID,
-        Type::TIMESTAMPTZ,
-    ];
-    let mut w = BinaryCopyInWriter::new(sink, &types);
+    let sink = pg.copy_in(FEEDBACK_COPY).unwrap();
+    let mut w = BinaryCopyInWriter::new(sink, &FEEDBACK_COPY_TYPES);
     for c in &clients {
         w.write(&[
             &r,

@@ -8,5 +8,5 @@ pub use kafka::{
 };
 pub use postgres::{
     action_of, connect as postgres_connect, unix, FeedbackSink, Open, Refusals, ACTION_COLUMNS,
-    ACTION_COLUMN_COUNT,
+    ACTION_COLUMN_COUNT, COPY as FEEDBACK_COPY, COPY_TYPES as FEEDBACK_COPY_TYPES,
 };

@@ -12,7 +12,7 @@ use promo_fanout_state::{Action, Ownership};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
 
@@ -47,14 +47,14 @@ const INSERT: &str = concat!(
 /// rows per WAL record where `INSERT … ON CONFLICT` writes two per row
 /// (the speculative insertion and its confirmation), which is also less
 /// for the change feed's walsender to decode.
-const COPY: &str = concat!(
+pub const COPY: &str = concat!(
     "COPY subscribers_feedback (",
     feedback_columns!(),
     ") FROM STDIN (FORMAT binary)"
 );
 
 /// The types of [`COPY`]'s columns, as the migrations create them.
-const COPY_TYPES: [Type; 10] = [
+pub const COPY_TYPES: [Type; 10] = [
     Type::UUID,
     Type::UUID,
     Type::TEXT,
@@ -357,19 +357,68 @@ impl<'a> Rows<'a> {
             trigger: Vec::new(),
         };
         for n in notifications {
-            let a = &n.campaign.action;
-            rows.restaurant.push(a.restaurant_id);
-            rows.campaign.push(a.adv_campaign_id);
-            rows.content.push(&a.adv_campaign_content);
-            rows.owner.push(a.adv_campaign_owner.as_deref());
-            rows.contact.push(a.adv_campaign_owner_contact.as_deref());
-            rows.start.push(unix(a.adv_campaign_datetime_start));
-            rows.end.push(unix(a.adv_campaign_datetime_end));
-            rows.created.push(unix(a.datetime_created));
-            rows.client.push(n.client_id);
-            rows.trigger.push(unix(n.trigger_datetime_created));
+            let row = Row::of(n);
+            rows.restaurant.push(row.restaurant);
+            rows.campaign.push(row.campaign);
+            rows.content.push(row.content);
+            rows.owner.push(row.owner);
+            rows.contact.push(row.contact);
+            rows.start.push(row.start);
+            rows.end.push(row.end);
+            rows.created.push(row.created);
+            rows.client.push(row.client);
+            rows.trigger.push(row.trigger);
         }
         rows
+    }
+}
+
+/// A notification's row of `subscribers_feedback`: the action's fields, the
+/// client and the trigger time.
+struct Row<'a> {
+    restaurant: Uuid,
+    campaign: Uuid,
+    content: &'a str,
+    owner: Option<&'a str>,
+    contact: Option<&'a str>,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    created: DateTime<Utc>,
+    client: Uuid,
+    trigger: DateTime<Utc>,
+}
+
+impl<'a> Row<'a> {
+    fn of(n: &'a Notification) -> Row<'a> {
+        let a = &n.campaign.action;
+        Row {
+            restaurant: a.restaurant_id,
+            campaign: a.adv_campaign_id,
+            content: &a.adv_campaign_content,
+            owner: a.adv_campaign_owner.as_deref(),
+            contact: a.adv_campaign_owner_contact.as_deref(),
+            start: unix(a.adv_campaign_datetime_start),
+            end: unix(a.adv_campaign_datetime_end),
+            created: unix(a.datetime_created),
+            client: n.client_id,
+            trigger: unix(n.trigger_datetime_created),
+        }
+    }
+
+    /// Its values in the order of [`feedback_columns!`].
+    fn values(&self) -> [&(dyn ToSql + Sync); 10] {
+        [
+            &self.restaurant,
+            &self.campaign,
+            &self.content,
+            &self.owner,
+            &self.contact,
+            &self.start,
+            &self.end,
+            &self.created,
+            &self.client,
+            &self.trigger,
+        ]
     }
 }
 
@@ -378,22 +427,7 @@ async fn copy(client: &Client, batch: &[&Notification]) -> Result<u64, tokio_pos
     let writer = BinaryCopyInWriter::new(client.copy_in(COPY).await?, &COPY_TYPES);
     futures::pin_mut!(writer);
     for n in batch {
-        let a = &n.campaign.action;
-        writer
-            .as_mut()
-            .write(&[
-                &a.restaurant_id,
-                &a.adv_campaign_id,
-                &a.adv_campaign_content,
-                &a.adv_campaign_owner,
-                &a.adv_campaign_owner_contact,
-                &unix(a.adv_campaign_datetime_start),
-                &unix(a.adv_campaign_datetime_end),
-                &unix(a.datetime_created),
-                &n.client_id,
-                &unix(n.trigger_datetime_created),
-            ])
-            .await?;
+        writer.as_mut().write(&Row::of(n).values()).await?;
     }
     writer.finish().await
 }
