@@ -121,6 +121,93 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// CPU seconds (user and system) each process has used, by pid: processes
+/// named `comm` (every Postgres backend, say), or one pid.
+fn cpu_by_pid(comm: Option<&str>, pid: Option<u32>) -> HashMap<u32, f64> {
+    let tick: f64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0);
+    let pids: Vec<u32> = match pid {
+        Some(p) => vec![p],
+        None => std::fs::read_dir("/proc")
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    pids.into_iter()
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // `pid (comm) state ppid …`: utime and stime are the 14th and
+            // 15th fields, the 12th and 13th after the comm's parenthesis.
+            let (head, rest) = stat.rsplit_once(") ")?;
+            if comm.is_some_and(|c| head.split_once(" (").map(|h| h.1) != Some(c)) {
+                return None;
+            }
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some((p, ticks / tick))
+        })
+        .collect()
+}
+
+/// The CPU the processes of a throughput run use: the service, every
+/// Postgres process (the change feed's walsender also on its own) and the
+/// broker.
+struct CpuWatch {
+    service: u32,
+    walsender: Option<u32>,
+    start: [HashMap<u32, f64>; 3],
+    started: Instant,
+}
+
+impl CpuWatch {
+    fn start(service: u32, walsender: Option<u32>) -> CpuWatch {
+        CpuWatch {
+            service,
+            walsender,
+            start: Self::read(service),
+            started: Instant::now(),
+        }
+    }
+
+    fn read(service: u32) -> [HashMap<u32, f64>; 3] {
+        [
+            cpu_by_pid(None, Some(service)),
+            cpu_by_pid(Some("postgres"), None),
+            cpu_by_pid(Some("tansu"), None),
+        ]
+    }
+
+    /// "service …, Postgres … (walsender …), broker … of … s": CPU seconds
+    /// since the start; a process that ended meanwhile is not counted.
+    fn stop(self) -> String {
+        let end = Self::read(self.service);
+        let used = |i: usize, only: Option<u32>| -> f64 {
+            end[i]
+                .iter()
+                .filter(|(p, _)| only.is_none_or(|o| o == **p))
+                .map(|(p, t)| t - self.start[i].get(p).copied().unwrap_or(0.0))
+                .sum()
+        };
+        let walsender = match self.walsender {
+            Some(w) => format!(" (walsender {:.1} s)", used(1, Some(w))),
+            None => String::new(),
+        };
+        format!(
+            "service {:.1} s, Postgres {:.1} s{walsender}, broker {:.1} s, in {:.1} s on 2 cores",
+            used(0, None),
+            used(1, None),
+            used(2, None),
+            self.started.elapsed().as_secs_f64()
+        )
+    }
+}
+
 /// Subscriptions a second written during a throughput run
 /// (`PF_E2E_WRITER_RATE`, 0 for none).
 fn writer_rate() -> u64 {
@@ -550,6 +637,7 @@ impl Bench {
 
         let writer = LateWriter::start(&url, late_r, writer_rate());
         let expected = load.notifications() as f64;
+        let cpu = CpuWatch::start(child.id(), walsender(&url));
         let started = Instant::now();
         self.produce_all(&producer, &t.input, &actions);
         let deadline = started + Duration::from_secs(1800);
@@ -561,6 +649,7 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(20));
         }
         let rate = expected / started.elapsed().as_secs_f64();
+        let cpu = cpu.stop();
         let written = writer.stop();
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         let rows: i64 = pg
@@ -582,6 +671,11 @@ impl Bench {
             &conditions,
         );
         self.plotted.push((format!("promo-fanout {mode}"), rate));
+        self.row(
+            &format!("CPU used during the run, {mode}"),
+            cpu,
+            "user + system seconds, from /proc",
+        );
         if mode == "cdc" {
             self.under_load(&metrics, &watch, &written);
         }
@@ -1319,6 +1413,20 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(u64
 
 /// `url` without TLS, as the raw baselines the service is compared with
 /// connect (the default `sslmode=prefer` would encrypt even on loopback).
+/// The pid of the walsender serving the database at `url`'s change feed, if
+/// one runs.
+fn walsender(url: &str) -> Option<u32> {
+    let mut pg = postgres::Client::connect(url, postgres::NoTls).ok()?;
+    let row = pg
+        .query_opt(
+            "SELECT pid FROM pg_stat_replication r JOIN pg_replication_slots s \
+             ON s.active_pid = r.pid WHERE s.database = current_database()",
+            &[],
+        )
+        .ok()??;
+    Some(row.get::<_, i32>(0) as u32)
+}
+
 fn plaintext(url: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}sslmode=disable")

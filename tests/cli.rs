@@ -194,6 +194,53 @@ fn the_change_feed_explains_what_the_server_lacks() {
     );
 }
 
+/// A `subscribers_feedback` left by an older job, with other column types
+/// and no unique key, is refused at start, each difference named: binary
+/// COPY would store a UTC time in a `timestamp` column as local wall time
+/// without a word, and a batch written again would add its rows twice.
+#[test]
+fn a_feedback_table_of_other_types_is_refused_at_start() {
+    let db = common::Db::new();
+    db.client()
+        .batch_execute(
+            "CREATE TABLE subscribers_feedback (\
+               restaurant_id uuid, adv_campaign_id uuid, adv_campaign_content text, \
+               adv_campaign_owner text, adv_campaign_owner_contact text, \
+               adv_campaign_datetime_start timestamp, adv_campaign_datetime_end timestamp, \
+               datetime_created timestamp, client_id text, feedback text)",
+        )
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["migrate", "--postgres-url", db.url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let state = tempfile::tempdir().unwrap();
+    let err = refused_at_start(&[
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--postgres-url",
+        db.url(),
+    ]);
+    for wrong in [
+        "column adv_campaign_datetime_start is timestamp without time zone, not timestamptz",
+        "column datetime_created is timestamp without time zone, not timestamptz",
+        "column client_id is text, not uuid",
+        "column trigger_datetime_created is missing (timestamptz expected)",
+        "no unique key on (restaurant_id, adv_campaign_id, client_id)",
+    ] {
+        assert!(err.contains(wrong), "{wrong}: {err}");
+    }
+    assert!(!err.contains("column restaurant_id"), "{err}");
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.starts_with("promo-fanout: "))
+            .count(),
+        1,
+        "{err}"
+    );
+}
+
 #[test]
 fn a_bad_postgres_url_is_a_settings_error() {
     let o = run(

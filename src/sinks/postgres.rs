@@ -33,6 +33,15 @@ macro_rules! feedback_columns {
     };
 }
 
+/// The unique key that makes a batch written twice add its rows once: a
+/// binary COPY of rows already there fails on it, and the batch is written
+/// again with `ON CONFLICT` on it.
+macro_rules! feedback_key {
+    () => {
+        "restaurant_id, adv_campaign_id, client_id"
+    };
+}
+
 /// Inserts rows, leaving those already there alone: a batch written again.
 const INSERT: &str = concat!(
     "INSERT INTO subscribers_feedback (",
@@ -40,7 +49,9 @@ const INSERT: &str = concat!(
     ") SELECT * FROM UNNEST(\
      $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
      $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::uuid[], $10::timestamptz[]) \
-     ON CONFLICT (restaurant_id, adv_campaign_id, client_id) DO NOTHING"
+     ON CONFLICT (",
+    feedback_key!(),
+    ") DO NOTHING"
 );
 
 /// Appends rows; fails on a row already there. Binary COPY writes a page of
@@ -150,6 +161,7 @@ impl FeedbackSink {
     /// database is there; the others connect on first use.
     pub async fn connect(url: &str, connections: usize) -> Result<FeedbackSink, Failure> {
         let first = connect(url).await.map_err(Failure::Postgres)?;
+        check_table(&first).await?;
         let clients = std::iter::once(Arc::new(Mutex::new(Some(first))))
             .chain((1..connections.max(1)).map(|_| Arc::new(Mutex::new(None))))
             .collect();
@@ -241,6 +253,75 @@ impl FeedbackSink {
         open.connection.take();
         Ok(held)
     }
+}
+
+/// Refuses a `subscribers_feedback` that would not take the rows as the
+/// service writes them: binary COPY sends each value in its type's binary
+/// form, which Postgres reads by the column's type without converting (a
+/// `timestamp without time zone` would silently hold UTC wall time, a `text`
+/// column the bytes of a UUID), and without [`feedback_key!`] a batch written
+/// again would add its rows twice. A table that does not exist is left to
+/// the start's next steps, which say to migrate.
+async fn check_table(client: &Client) -> Result<(), Failure> {
+    let pg = Failure::Postgres;
+    let rows = client
+        .query(
+            "SELECT a.attname::text, a.atttypid::regtype::text, a.atttypid \
+             FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass('subscribers_feedback') \
+               AND a.attnum > 0 AND NOT a.attisdropped",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let found: BTreeMap<String, (String, u32)> = rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let mut wrong: Vec<String> = feedback_columns!()
+        .split(',')
+        .map(str::trim)
+        .zip(&COPY_TYPES)
+        .filter_map(|(column, ty)| match found.get(column) {
+            None => Some(format!("column {column} is missing ({ty} expected)")),
+            Some((name, oid)) if *oid != ty.oid() => {
+                Some(format!("column {column} is {name}, not {ty}"))
+            }
+            Some(_) => None,
+        })
+        .collect();
+    let mut key: Vec<&str> = feedback_key!().split(',').map(str::trim).collect();
+    key.sort();
+    let keyed: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i \
+               WHERE i.indrelid = to_regclass('subscribers_feedback') \
+                 AND i.indisunique AND i.indimmediate \
+                 AND i.indpred IS NULL AND i.indexprs IS NULL \
+                 AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a \
+                      WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)) = $1)",
+            &[&key],
+        )
+        .await
+        .map_err(pg)?
+        .get(0);
+    if !keyed {
+        wrong.push(format!(
+            "no unique key on ({}), which keeps a batch written twice from adding its rows twice",
+            feedback_key!()
+        ));
+    }
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::Config(format!(
+        "subscribers_feedback cannot take the service's rows ({}): alter the table to match \
+         migrations/V1__subscriptions_and_feedback.sql, or migrate a database without it",
+        wrong.join("; ")
+    )))
 }
 
 impl Open {
