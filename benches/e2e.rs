@@ -25,6 +25,9 @@
 //!
 //! The throughput load runs with `mirror-mode cdc`, then `refresh`
 //! (`PF_E2E_REFRESH=0`: not; `PF_E2E_REFRESH_FIRST=1`: `refresh` first).
+//! Before them, the raw job with both sinks runs three ways: in one COPY,
+//! in transactions of the service's chunk, and so while `pg_recvlogical`
+//! follows a slot (`PF_E2E_RAW_FEED=0`: only the first).
 //!
 //! A stage set to 0 (or empty) is skipped. `PF_E2E_SERVICE_ARGS` adds flags to the
 //! service, e.g. `--chunk-size 20000`. Prints one Markdown table and writes it to
@@ -205,6 +208,84 @@ impl CpuWatch {
             used(2, None),
             self.started.elapsed().as_secs_f64()
         )
+    }
+}
+
+/// Postgres's own logical-replication client, `pg_recvlogical`, following a
+/// new slot of a database on the service's default publication,
+/// protocol version 1 as the service's feed: what any client of the
+/// replication protocol costs Postgres.
+struct SlotFollower {
+    child: Child,
+    walsender: u32,
+    cpu_at_start: f64,
+}
+
+impl SlotFollower {
+    fn start(url: &str) -> SlotFollower {
+        let mut pg = postgres::Client::connect(url, postgres::NoTls).unwrap();
+        pg.execute(
+            "SELECT pg_create_logical_replication_slot('pf_e2e_raw', 'pgoutput')",
+            &[],
+        )
+        .unwrap();
+        let child = Command::new("pg_recvlogical")
+            .args(["-d", &plaintext(url), "-S", "pf_e2e_raw", "--start"])
+            .args(["-o", "proto_version=1", "-o"])
+            .arg(format!(
+                "publication_names={}",
+                promo_fanout::config::Settings::default().cdc_publication
+            ))
+            .args(["-f", "/dev/null"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pg_recvlogical (Debian's postgresql-client) on PATH");
+        let walsender = wait_until(
+            "pg_recvlogical's walsender",
+            Duration::from_secs(30),
+            || walsender(url),
+        );
+        SlotFollower {
+            child,
+            walsender,
+            cpu_at_start: cpu_by_pid(None, Some(walsender))[&walsender],
+        }
+    }
+
+    /// Waits until the walsender has decoded all the WAL written so far,
+    /// stops the client and drops the slot: the walsender's CPU seconds.
+    fn stop(mut self, url: &str) -> f64 {
+        let mut pg = postgres::Client::connect(url, postgres::NoTls).unwrap();
+        let end: String = pg
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .unwrap()
+            .get(0);
+        wait_until(
+            "the walsender to decode the rows",
+            Duration::from_secs(300),
+            || {
+                pg.query_one(
+                    "SELECT sent_lsn >= $1::text::pg_lsn FROM pg_stat_replication WHERE pid = $2",
+                    &[&end, &(self.walsender as i32)],
+                )
+                .unwrap()
+                .get::<_, bool>(0)
+                .then_some(())
+            },
+        );
+        let cpu = cpu_by_pid(None, Some(self.walsender))[&self.walsender] - self.cpu_at_start;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        wait_until("the slot to be released", Duration::from_secs(30), || {
+            pg.execute(
+                "SELECT pg_drop_replication_slot('pf_e2e_raw') FROM pg_replication_slots \
+                 WHERE slot_name = 'pf_e2e_raw' AND NOT active",
+                &[],
+            )
+            .ok()
+            .filter(|&n| n == 1)
+        });
+        cpu
     }
 }
 
@@ -587,26 +668,54 @@ impl Bench {
     }
 
     /// The raw job with both sinks at once, as the service does it: `n`
-    /// feedback rows by binary COPY on one connection while `n` push
-    /// messages are produced: rows/s until both are done.
-    fn raw_both(&mut self, n: u64) -> f64 {
+    /// feedback rows by binary COPY on one connection, in transactions of
+    /// `chunk` rows, while `n` push messages are produced: rows/s until both
+    /// are done. With `follow`, Postgres's own client `pg_recvlogical`
+    /// follows a slot of the database on the service's publication
+    /// meanwhile, so that Postgres decodes the rows as it does for `cdc`.
+    fn raw_both(&mut self, n: u64, chunk: u64, follow: bool) -> f64 {
         let scratch = scratch_db(&self.admin_url, "pf_e2e");
         let mut pg = postgres::Client::connect(&scratch.url, postgres::NoTls).unwrap();
+        let feed = follow.then(|| SlotFollower::start(&scratch.url));
         let t = self.topics(PARTITIONS);
         let producer = self.producer();
         let values = push_values(n);
         let started = Instant::now();
-        let copy = std::thread::spawn(move || raw_binary_copy(&mut pg, Uuid::new_v4(), n));
+        let copy = std::thread::spawn(move || {
+            let r = Uuid::new_v4();
+            let mut left = n;
+            while left > 0 {
+                let m = left.min(chunk);
+                raw_binary_copy(&mut pg, r, m);
+                left -= m;
+            }
+        });
         self.produce_all(&producer, &t.output, &values);
         copy.join().unwrap();
         let rate = n as f64 / started.elapsed().as_secs_f64();
+        let walsender = feed.map(|f| f.stop(&scratch.url));
         drop_db(&scratch);
-        self.row(
-            "raw COPY and produce at once",
-            format!("{rate:.0} rows/s"),
-            &format!("{n} rows by binary COPY while {n} messages are produced"),
-        );
-        self.plotted.push(("raw both".into(), rate));
+        let (what, note) = match (chunk >= n, walsender) {
+            (true, _) => (
+                "raw COPY and produce at once".to_owned(),
+                format!("{n} rows by binary COPY while {n} messages are produced"),
+            ),
+            (false, None) => (
+                format!("raw COPY and produce at once, {chunk}-row transactions"),
+                format!("{n} rows by binary COPY while {n} messages are produced, no slot"),
+            ),
+            (false, Some(cpu)) => (
+                format!("raw COPY and produce at once, {chunk}-row transactions, slot followed"),
+                format!(
+                    "the same while pg_recvlogical follows a slot of the database \
+                     (its walsender: {cpu:.1} s of CPU to decode the rows)"
+                ),
+            ),
+        };
+        self.row(&what, format!("{rate:.0} rows/s"), &note);
+        if chunk >= n {
+            self.plotted.push(("raw both".into(), rate));
+        }
         rate
     }
 
@@ -1218,7 +1327,29 @@ fn main() {
         let (copy, insert) = b.raw_postgres(total);
         limit = limit.min(copy.max(insert));
         limit = limit.min(b.raw_kafka(total));
-        let both = b.raw_both(total);
+        let both = b.raw_both(total, total, false);
+        let pg_recvlogical = Command::new("pg_recvlogical")
+            .arg("--version")
+            .output()
+            .is_ok();
+        let (chunked, followed) = if std::env::var("PF_E2E_RAW_FEED").is_ok_and(|v| v == "0") {
+            (None, None)
+        } else if !pg_recvlogical {
+            println!("pg_recvlogical is not on PATH (Debian's postgresql-client): no raw job with a slot followed");
+            (None, None)
+        } else {
+            // What the service writes per transaction by default.
+            let chunk = promo_fanout::config::Settings::default().chunk_size as u64;
+            // Alternated, twice each, the faster kept: the first runs of a
+            // stage on a fresh topic and database are the slowest.
+            let mut best = [0f64; 2];
+            for _ in 0..2 {
+                for (i, follow) in [false, true].into_iter().enumerate() {
+                    best[i] = best[i].max(b.raw_both(total, chunk, follow));
+                }
+            }
+            (Some(best[0]), Some(best[1]))
+        };
         let refresh_on = std::env::var("PF_E2E_REFRESH").map_or(true, |v| v != "0");
         let refresh_first =
             refresh_on && std::env::var("PF_E2E_REFRESH_FIRST").is_ok_and(|v| v == "1");
@@ -1246,6 +1377,14 @@ fn main() {
                 "end to end, cdc ÷ refresh",
                 format!("{:.2}", rate / refresh),
                 "same load and writer; target ≥ 1",
+            );
+        }
+        if let (Some(chunked), Some(followed)) = (chunked, followed) {
+            b.row(
+                "raw job, slot followed ÷ no slot",
+                format!("{:.2}", followed / chunked),
+                "the faster of two runs each: what Postgres's decoding of the rows costs \
+                 the raw job on these cores, the floor for cdc ÷ refresh",
             );
         }
         let peers = std::env::var("PF_E2E_PEERS").unwrap_or_else(|_| "quix,flink".into());
@@ -1411,8 +1550,6 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(u64
     root.present().unwrap();
 }
 
-/// `url` without TLS, as the raw baselines the service is compared with
-/// connect (the default `sslmode=prefer` would encrypt even on loopback).
 /// The pid of the walsender serving the database at `url`'s change feed, if
 /// one runs.
 fn walsender(url: &str) -> Option<u32> {
