@@ -35,6 +35,16 @@ fn refused_at_start_with(args: &[&str], envs: &[(&str, &str)]) -> String {
     stderr(&o)
 }
 
+/// `run` with its store in `state` and its database `db`.
+fn on<'a>(state: &'a tempfile::TempDir, db: &'a common::Db) -> [&'a str; 4] {
+    [
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--postgres-url",
+        db.url(),
+    ]
+}
+
 /// `run` with nothing listening where Postgres should be (port 1), given up
 /// after `timeout`.
 fn unreachable_database<'a>(state: &'a std::path::Path, timeout: &'a str) -> [&'a str; 6] {
@@ -178,14 +188,7 @@ fn the_change_feed_explains_what_the_server_lacks() {
         .batch_execute("DROP PUBLICATION promo_fanout")
         .unwrap();
     let state = tempfile::tempdir().unwrap();
-    let err = refused_at_start(&[
-        "--state-dir",
-        state.path().to_str().unwrap(),
-        "--postgres-url",
-        db.url(),
-        "--mirror-mode",
-        "cdc",
-    ]);
+    let err = refused_at_start(&[&on(&state, &db)[..], &["--mirror-mode", "cdc"]].concat());
     assert!(
         err.contains("publication promo_fanout does not exist")
             && err.contains("promo-fanout migrate creates it")
@@ -216,12 +219,7 @@ fn a_feedback_table_of_other_types_is_refused_at_start() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let state = tempfile::tempdir().unwrap();
-    let err = refused_at_start(&[
-        "--state-dir",
-        state.path().to_str().unwrap(),
-        "--postgres-url",
-        db.url(),
-    ]);
+    let err = refused_at_start(&on(&state, &db));
     for wrong in [
         "column adv_campaign_datetime_start is timestamp without time zone, not timestamptz",
         "column datetime_created is timestamp without time zone, not timestamptz",
@@ -282,16 +280,13 @@ fn an_old_setting_is_accepted_with_a_warning_and_a_too_long_status_interval_refu
 fn an_unreachable_broker_stops_the_start_with_one_line() {
     let db = common::Db::migrated();
     let state = tempfile::tempdir().unwrap();
-    let err = refused_at_start(&[
-        "--state-dir",
-        state.path().to_str().unwrap(),
-        "--postgres-url",
-        db.url(),
-        "--brokers",
-        "127.0.0.1:1",
-        "--startup-timeout",
-        "3s",
-    ]);
+    let err = refused_at_start(
+        &[
+            &on(&state, &db)[..],
+            &["--brokers", "127.0.0.1:1", "--startup-timeout", "3s"],
+        ]
+        .concat(),
+    );
     assert!(
         err.contains("cannot reach the Kafka brokers at 127.0.0.1:1")
             && err.contains("startup timeout (3s)"),
