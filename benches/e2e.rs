@@ -127,12 +127,16 @@ fn peak_rss_mib(pid: u32) -> f64 {
 /// CPU seconds (user and system) each process has used, by pid: processes
 /// named `comm` (every Postgres backend, say), or one pid.
 fn cpu_by_pid(comm: Option<&str>, pid: Option<u32>) -> HashMap<u32, f64> {
-    let tick: f64 = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0);
+    // Clock ticks a second, asked of the system once.
+    static TICK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let tick = *TICK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+            .unwrap_or(100.0)
+    });
     let pids: Vec<u32> = match pid {
         Some(p) => vec![p],
         None => std::fs::read_dir("/proc")
