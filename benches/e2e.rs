@@ -1568,6 +1568,8 @@ fn walsender(url: &str) -> Option<u32> {
     Some(row.get::<_, i32>(0) as u32)
 }
 
+/// `url` without TLS, as the raw baselines the service is compared with
+/// connect (the default `sslmode=prefer` would encrypt even on loopback).
 fn plaintext(url: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}sslmode=disable")

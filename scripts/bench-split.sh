@@ -23,6 +23,9 @@ pin_postgres() {
   done
 }
 
+# Postgres gets its cores back however this script ends, also when the
+# broker fails to start.
+trap 'pin_postgres "0-$last"' EXIT
 pin_postgres "$last"
 taskset -c -p "0-$((last - 1))" $$ >/dev/null
 start_test_services
