@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use std::collections::VecDeque;
 
+use rdkafka::config::ClientConfig;
 pub use rdkafka::consumer::CommitMode;
 use rdkafka::consumer::{
     BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
@@ -211,12 +212,27 @@ const GROUP_DEFAULTS: &[(&str, &str)] = &[
     ("topic.metadata.refresh.interval.ms", "10000"),
 ];
 
+/// The configuration of every consumer of the input topic: the shared
+/// client configuration, the group, and the group membership's defaults
+/// where no `kafka.<property>` overrides them. The consumers that only read
+/// watermarks or metadata never join, but take the same defaults, since
+/// librdkafka checks them against each other (`max.poll.interval.ms` may not
+/// be below `session.timeout.ms`).
+pub fn consumer_config(settings: &Settings) -> ClientConfig {
+    let mut config = kafka_config(settings);
+    config.set("group.id", &settings.group_id);
+    for (property, value) in GROUP_DEFAULTS {
+        if !settings.kafka.contains_key(*property) {
+            config.set(*property, *value);
+        }
+    }
+    config
+}
+
 impl Source {
     pub fn new(settings: &Settings) -> Result<Source, KafkaError> {
-        let mut config = kafka_config(settings);
-        config
-            .set("group.id", &settings.group_id)
-            .set("enable.partition.eof", "false");
+        let mut config = consumer_config(settings);
+        config.set("enable.partition.eof", "false");
         // Where a fresh partition starts is decided in `start_positions`; this
         // only applies `position-out-of-range` to a position that falls out
         // of the retained log while running.
@@ -247,11 +263,6 @@ impl Source {
         config
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false");
-        for (property, value) in GROUP_DEFAULTS {
-            if !settings.kafka.contains_key(*property) {
-                config.set(*property, *value);
-            }
-        }
         Ok(Source {
             consumer: config.create_with_context(Membership::default())?,
             topic: settings.input_topic.clone(),
@@ -506,9 +517,7 @@ pub fn report_lag(
     positions: watch::Receiver<BTreeMap<i32, i64>>,
     every: Duration,
 ) -> Result<LagReporter, KafkaError> {
-    let consumer: BaseConsumer = kafka_config(settings)
-        .set("group.id", &settings.group_id)
-        .create()?;
+    let consumer: BaseConsumer = consumer_config(settings).create()?;
     let topic = settings.input_topic.clone();
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::Builder::new()

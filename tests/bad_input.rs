@@ -238,21 +238,7 @@ fn campaigns_postgres_refuses_are_isolated_and_the_rest_of_their_batch_delivered
 #[test]
 fn failing_feedback_writes_keep_postgres_unready_while_the_change_feed_reads() {
     let db = Db::migrated();
-    db.client()
-        .batch_execute(
-            "CREATE TABLE staged_outage (since timestamptz);
-             INSERT INTO staged_outage VALUES (now());
-             CREATE FUNCTION staged_outage() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               IF EXISTS (SELECT 1 FROM staged_outage) THEN
-                 RAISE EXCEPTION 'staged outage' USING ERRCODE = '40001';
-               END IF;
-               RETURN NULL;
-             END $$;
-             CREATE TRIGGER outage BEFORE INSERT ON subscribers_feedback
-               FOR EACH STATEMENT EXECUTE FUNCTION staged_outage();",
-        )
-        .unwrap();
+    db.stage_feedback_outage();
     let topics = Topics::new(1);
     let state = tempfile::tempdir().unwrap();
     let r = Uuid::new_v4();
@@ -283,9 +269,7 @@ fn failing_feedback_writes_keep_postgres_unready_while_the_change_feed_reads() {
     assert!(mirrored, "the change feed kept following the table");
     assert!(service.metric("promo_fanout_retries_total") >= 2.0);
 
-    db.client()
-        .batch_execute("DELETE FROM staged_outage")
-        .unwrap();
+    db.end_feedback_outage();
     wait_for("every row once the writes succeed", WAIT, || {
         (db.feedback_count() == 5).then_some(())
     });

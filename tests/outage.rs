@@ -243,3 +243,76 @@ fn a_frozen_broker_is_waited_out() {
     );
     assert!(service.stop().success());
 }
+
+/// Feedback writes failing for longer than `max.poll.interval.ms` with the
+/// pipeline full (the change feed works meanwhile, so a second action is
+/// planned and waits for the one place in flight): a poll interval below
+/// librdkafka's own 45 s session is accepted (the group's 6 s session
+/// applies to every consumer of the input), the service keeps running, and
+/// once the writes succeed every notification is in both sinks exactly once
+/// and the partition is still read. librdkafka may take a member that stops
+/// reading out of the group; with tansu it did not in our runs, and either
+/// way nothing may be lost or repeated.
+#[test]
+fn feedback_writes_failing_longer_than_the_poll_interval_are_waited_out() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let (r, other) = (Uuid::new_v4(), Uuid::new_v4());
+    db.new_subscribers(r, 20);
+    db.new_subscribers(other, 20);
+    // One batch in flight fills the pipeline; the shortest poll interval
+    // librdkafka accepts (it may not be below the 6 s session).
+    let mut service = Service::start(
+        &db,
+        &topics,
+        state.path(),
+        &[
+            "--pipeline-depth",
+            "1",
+            "--kafka",
+            "max.poll.interval.ms=6000",
+        ],
+    );
+
+    db.stage_feedback_outage();
+    let producer = Producer::new();
+    producer.send_action(&topics.input, &live_action(r, Uuid::new_v4()));
+    wait_for(
+        "the first batch's feedback write to be retried",
+        WAIT,
+        || service.logged("staged outage").then_some(()),
+    );
+    producer.send_action(&topics.input, &live_action(other, Uuid::new_v4()));
+    // Eight retries take about 17 s of backoff: well over twice the poll
+    // interval.
+    wait_for("eight retries of the feedback write", WAIT, || {
+        (service.logged_times("staged outage") >= 8).then_some(())
+    });
+    assert_eq!(db.feedback_count(), 0);
+    assert!(
+        service.child.try_wait().unwrap().is_none(),
+        "the service keeps running"
+    );
+
+    db.end_feedback_outage();
+    wait_for("every feedback row after the outage", WAIT, || {
+        (db.feedback_count() == 40).then_some(())
+    });
+    wait_for("the input position to be committed", WAIT, || {
+        dump(state.path(), Some("positions"))
+            .iter()
+            .any(|p| p["kind"] == "input" && p["next_offset"] == 2)
+            .then_some(())
+    });
+    service.wait_ready();
+    let mut push = Reader::new(&topics.output);
+    push.exactly(40, WAIT, "every push message once: none repeated");
+    // The partition is read again: a campaign sent now is delivered.
+    producer.send_action(&topics.input, &live_action(r, Uuid::new_v4()));
+    wait_for("a campaign after the rejoin", WAIT, || {
+        (db.feedback_count() == 60).then_some(())
+    });
+    push.exactly(60, WAIT, "the campaign after the rejoin, once");
+    assert!(service.stop().success());
+}

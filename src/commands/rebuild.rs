@@ -20,9 +20,8 @@ use uuid::Uuid;
 
 use crate::config::Settings;
 use crate::infra::clock;
-use crate::sinks::{
-    action_of, kafka_config, postgres_connect, ACTION_COLUMNS, ACTION_COLUMN_COUNT,
-};
+use crate::sinks::{action_of, postgres_connect, ACTION_COLUMNS, ACTION_COLUMN_COUNT};
+use crate::source::consumer_config;
 use crate::{mirror, pipeline};
 
 /// What a rebuild restored.
@@ -118,9 +117,7 @@ async fn restore_sent(
 
 /// Where each input partition's retained log starts.
 async fn input_starts(settings: &Settings) -> anyhow::Result<Vec<(i32, i64)>> {
-    let consumer: BaseConsumer = kafka_config(settings)
-        .set("group.id", &settings.group_id)
-        .create()?;
+    let consumer: BaseConsumer = consumer_config(settings).create()?;
     let topic = settings.input_topic.clone();
     let partitions = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64)>> {
         let timeout = Duration::from_secs(10);

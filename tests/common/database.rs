@@ -97,6 +97,33 @@ impl Db {
             .unwrap()
             .get(0)
     }
+
+    /// Makes every feedback write fail with a serialization failure
+    /// (`40001`, raised by a trigger) until [`Db::end_feedback_outage`],
+    /// while the rest of the database, the change feed included, works.
+    pub fn stage_feedback_outage(&self) {
+        self.client()
+            .batch_execute(
+                "CREATE TABLE staged_outage (since timestamptz);
+                 INSERT INTO staged_outage VALUES (now());
+                 CREATE FUNCTION staged_outage() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                   IF EXISTS (SELECT 1 FROM staged_outage) THEN
+                     RAISE EXCEPTION 'staged outage' USING ERRCODE = '40001';
+                   END IF;
+                   RETURN NULL;
+                 END $$;
+                 CREATE TRIGGER outage BEFORE INSERT ON subscribers_feedback
+                   FOR EACH STATEMENT EXECUTE FUNCTION staged_outage();",
+            )
+            .unwrap();
+    }
+
+    pub fn end_feedback_outage(&self) {
+        self.client()
+            .batch_execute("DELETE FROM staged_outage")
+            .unwrap();
+    }
 }
 
 impl Drop for Db {
