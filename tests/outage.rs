@@ -284,10 +284,10 @@ fn feedback_writes_failing_longer_than_the_poll_interval_are_waited_out() {
         || service.logged("staged outage").then_some(()),
     );
     producer.send_action(&topics.input, &live_action(other, Uuid::new_v4()));
-    // Eight retries take about 17 s of backoff: well over twice the poll
-    // interval.
-    wait_for("eight retries of the feedback write", WAIT, || {
-        (service.logged_times("staged outage") >= 8).then_some(())
+    // Ten attempts take at least 16 s of backoff (0.05 s doubling, each
+    // wait at least half its step): well over twice the poll interval.
+    wait_for("ten attempts at the feedback write", WAIT, || {
+        (service.logged_times("staged outage") >= 10).then_some(())
     });
     assert_eq!(db.feedback_count(), 0);
     assert!(

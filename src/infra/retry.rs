@@ -259,16 +259,24 @@ pub fn classify_kafka(code: RDKafkaErrorCode) -> Disposition {
     }
 }
 
+/// The longest wait between two attempts.
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
 /// Capped exponential backoff with jitter, without end: outages are waited
-/// out, not given up on.
+/// out, not given up on. The n-th wait is drawn from [d/2, d), where d
+/// doubles from 0.1 s up to the cap, so that instances retrying together
+/// spread out and no wait exceeds the cap. (backon's jitter adds up to d
+/// on top of d, hence the halving; its seed is random with its `std`
+/// feature, which Cargo.toml turns on.)
 pub fn backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
+        .with_max_delay(BACKOFF_CAP)
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
         .build()
+        .map(|d| d / 2)
 }
 
 /// How long an attempt under way may go on after a shutdown is requested.
@@ -360,10 +368,17 @@ mod tests {
     fn backoff_grows_to_a_cap_and_never_ends() {
         let delays: Vec<Duration> = backoff().take(40).collect();
         assert_eq!(delays.len(), 40);
-        assert!(delays[0] < Duration::from_millis(250));
-        // With jitter a delay may reach twice the cap at most.
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(20)));
-        assert!(delays[39] >= Duration::from_secs(10));
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] < Duration::from_millis(100));
+        assert!(delays.iter().all(|d| *d <= BACKOFF_CAP), "{delays:?}");
+        assert!(delays[39] >= BACKOFF_CAP / 2);
+        // Jittered: not every wait at the cap is the same.
+        let at_cap: std::collections::BTreeSet<_> = delays[20..].iter().collect();
+        assert!(at_cap.len() > 1, "{delays:?}");
+        // And seeded at random: two retry loops (two instances after one
+        // outage) do not wait in step. backon's jitter has a fixed seed
+        // without its `std` feature.
+        let again: Vec<Duration> = backoff().take(40).collect();
+        assert_ne!(delays, again);
     }
 
     #[test]
