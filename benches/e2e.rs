@@ -1269,7 +1269,8 @@ impl Bench {
         );
     }
 
-    /// Snapshot of `n` rows, then a restart with the mirror present.
+    /// Snapshot of `n` rows, then two restarts with the mirror present:
+    /// after a stop and after a kill -9.
     fn mirror(&mut self, n: u64) {
         let scratch = scratch_db(&self.admin_url, "pf_e2e");
         let (name, url) = (scratch.name.clone(), scratch.url.clone());
@@ -1287,8 +1288,8 @@ impl Bench {
         let (mut child, metrics) = self.service(&url, &t, state.path(), &name, &[]);
         let snapshot = self.wait_ready(&metrics, Duration::from_secs(3600));
         // A stop (SIGTERM) leaves the consumer group; a kill -9 does not, and
-        // the group then assigns the restarted instance only once the killed
-        // member's session has expired.
+        // the group then assigns the restarted instance only after about the
+        // killed member's session.
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -1317,7 +1318,7 @@ impl Bench {
         self.row(
             "restart to ready, after kill -9",
             format!("{:.2} s", after_kill.as_secs_f64()),
-            &format!("{n} rows mirrored; the group waits out the killed member's session"),
+            &format!("{n} rows mirrored; the group waits about the killed member's session"),
         );
     }
 }

@@ -250,9 +250,12 @@ fn a_frozen_broker_is_waited_out() {
 /// librdkafka's own 45 s session is accepted (the group's 6 s session
 /// applies to every consumer of the input), the service keeps running, and
 /// once the writes succeed every notification is in both sinks exactly once
-/// and the partition is still read. librdkafka may take a member that stops
-/// reading out of the group; with tansu it did not in our runs, and either
-/// way nothing may be lost or repeated.
+/// and the partition is still read. librdkafka takes a member that stops
+/// reading for longer than the interval out of the group (`MAXPOLL`, then
+/// the partition lost and assigned again), which the test does not assert:
+/// the second action was planned late in our runs (not yet understood), so
+/// the loop was blocked for less than the whole outage, and what must hold
+/// either way is that nothing is lost or repeated.
 #[test]
 fn feedback_writes_failing_longer_than_the_poll_interval_are_waited_out() {
     let db = Db::migrated();
@@ -310,9 +313,9 @@ fn feedback_writes_failing_longer_than_the_poll_interval_are_waited_out() {
     push.exactly(40, WAIT, "every push message once: none repeated");
     // The partition is read again: a campaign sent now is delivered.
     producer.send_action(&topics.input, &live_action(r, Uuid::new_v4()));
-    wait_for("a campaign after the rejoin", WAIT, || {
+    wait_for("a campaign after the outage", WAIT, || {
         (db.feedback_count() == 60).then_some(())
     });
-    push.exactly(60, WAIT, "the campaign after the rejoin, once");
+    push.exactly(60, WAIT, "the campaign after the outage, once");
     assert!(service.stop().success());
 }
