@@ -1234,12 +1234,7 @@ impl Bench {
         let (mut survivor, metrics) = instances.remove(0);
         let spent_before = metric(&metrics, "promo_fanout_handoff_seconds_sum");
         let stop = Instant::now();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(stopped.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        stopped.wait().unwrap();
+        stop_service(&mut stopped);
         let exited = stop.elapsed().as_secs_f64();
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         let done_before = feedback_rows(&mut pg) as f64;
@@ -1290,12 +1285,7 @@ impl Bench {
         // A stop (SIGTERM) leaves the consumer group; a kill -9 does not, and
         // the group then assigns the restarted instance only after about the
         // killed member's session.
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let _ = child.wait();
+        stop_service(&mut child);
         let (mut child, metrics) = self.service(&url, &t, state.path(), &name, &[]);
         let after_stop = self.wait_ready(&metrics, Duration::from_secs(600));
         let _ = child.kill();
@@ -1594,6 +1584,17 @@ fn plaintext(url: &str) -> String {
 }
 
 /// Polls `check` every 20 ms until it gives a value, `limit` at most.
+/// Stops a service as an operator would (SIGTERM: it records what is in
+/// flight and leaves the consumer group) and waits for it to exit.
+fn stop_service(child: &mut Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    child.wait().unwrap();
+}
+
 fn wait_until<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let started = Instant::now();
     loop {
