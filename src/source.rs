@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use std::collections::VecDeque;
 
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 pub use rdkafka::consumer::CommitMode;
 use rdkafka::consumer::{
     BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::config::{OutOfRange, Settings};
 use crate::infra::retry::Failure;
-use crate::sinks::kafka_config;
+use crate::sinks::{kafka_config, kafka_log, Logged};
 
 /// Why the input could not be positioned.
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +150,11 @@ pub struct Membership {
     closing: std::sync::atomic::AtomicBool,
 }
 
-impl ClientContext for Membership {}
+impl ClientContext for Membership {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        kafka_log(level, facility, message);
+    }
+}
 
 impl ConsumerContext for Membership {
     fn rebalance(
@@ -187,7 +191,7 @@ impl ConsumerContext for Membership {
 }
 
 /// The consumer's default `fetch.wait.max.ms` (librdkafka's is 500).
-const FETCH_WAIT_MAX_MS: &str = "10";
+pub const FETCH_WAIT_MAX_MS: &str = "10";
 
 /// The consumer's default `queued.max.messages.kbytes` (librdkafka's is
 /// 65536).
@@ -517,7 +521,7 @@ pub fn report_lag(
     positions: watch::Receiver<BTreeMap<i32, i64>>,
     every: Duration,
 ) -> Result<LagReporter, KafkaError> {
-    let consumer: BaseConsumer = consumer_config(settings).create()?;
+    let consumer: BaseConsumer<Logged> = consumer_config(settings).create_with_context(Logged)?;
     let topic = settings.input_topic.clone();
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::Builder::new()

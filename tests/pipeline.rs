@@ -509,3 +509,34 @@ fn a_scheduled_campaign_survives_a_restart_and_fires_at_its_start() {
     assert!(push[0].json()["trigger_datetime_created"].as_i64().unwrap() >= start);
     assert!(service.stop().success());
 }
+
+/// `--kafka` properties go to every Kafka client of the service. A consumer's
+/// property is ignored by the producers and a producer's by the consumers,
+/// which librdkafka reports at each start; the service logs that at debug
+/// level, not as a warning, and the pipeline flows with both set.
+#[test]
+fn kafka_properties_of_one_kind_of_client_raise_no_warnings_in_the_other() {
+    let db = Db::migrated();
+    let topics = Topics::new(1);
+    let state = tempfile::tempdir().unwrap();
+    let (r, a, k) = (u(), u(), u());
+    db.subscribe(r, a);
+    let consumer_only = "fetch.wait.max.ms=20";
+    let producer_only = "linger.ms=1";
+    let service = Service::start(
+        &db,
+        &topics,
+        state.path(),
+        &["--kafka", consumer_only, "--kafka", producer_only],
+    );
+    Producer::new().send_action(&topics.input, &live_action(r, k));
+    let mut push = Reader::new(&topics.output);
+    assert_eq!(triples(push.until(1, WAIT)), vec![(r, k, a)]);
+    wait_for("the feedback row", WAIT, || {
+        (db.feedback() == vec![(r, k, a)]).then_some(())
+    });
+    assert!(
+        !service.logged("will be ignored"),
+        "a property of one kind of client was warned about by the other"
+    );
+}

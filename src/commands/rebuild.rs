@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::config::Settings;
 use crate::infra::clock;
-use crate::sinks::{action_of, postgres_connect, ACTION_COLUMNS, ACTION_COLUMN_COUNT};
+use crate::sinks::{action_of, postgres_connect, Logged, ACTION_COLUMNS, ACTION_COLUMN_COUNT};
 use crate::source::consumer_config;
 use crate::{mirror, pipeline};
 
@@ -117,7 +117,7 @@ async fn restore_sent(
 
 /// Where each input partition's retained log starts.
 async fn input_starts(settings: &Settings) -> anyhow::Result<Vec<(i32, i64)>> {
-    let consumer: BaseConsumer = consumer_config(settings).create()?;
+    let consumer: BaseConsumer<Logged> = consumer_config(settings).create_with_context(Logged)?;
     let topic = settings.input_topic.clone();
     let partitions = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64)>> {
         let timeout = Duration::from_secs(10);

@@ -6,7 +6,9 @@
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use promo_fanout_state::Origin;
-use rdkafka::config::ClientConfig;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -29,6 +31,32 @@ pub fn kafka_config(settings: &Settings) -> ClientConfig {
         config.set(k, v);
     }
     config
+}
+
+/// The context of the service's Kafka clients that need no other: their
+/// log, through [`log`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Logged;
+
+impl ClientContext for Logged {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log(level, facility, message);
+    }
+}
+
+/// The consumers that read only metadata and watermarks never join the
+/// group: librdkafka's defaults.
+impl ConsumerContext for Logged {}
+
+/// librdkafka's log as rdkafka reports it, with one warning made a debug
+/// line: every `kafka.*` property goes to every client, consumers and
+/// producers alike, and librdkafka warns at each start that a consumer's
+/// property "will be ignored by this producer instance" (and the reverse).
+/// That is meant, and would read as if the property had no effect.
+pub fn log(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    let meant = facility == "CONFWARN" && message.contains("will be ignored by this");
+    let level = if meant { RDKafkaLogLevel::Debug } else { level };
+    DefaultClientContext.log(level, facility, message);
 }
 
 /// A message on its way to the DLQ: the original key and value bytes,
@@ -295,10 +323,10 @@ const DLQ_MESSAGE_MAX_BYTES: &str = "1000000000";
 pub struct KafkaSink {
     /// Push messages, within the `message.max.bytes` the decoder holds
     /// actions to.
-    producer: FutureProducer,
+    producer: FutureProducer<Logged>,
     /// Dead letters: an input message too large for the pipeline is sent
     /// whole whenever the broker takes it.
-    dlq_producer: FutureProducer,
+    dlq_producer: FutureProducer<Logged>,
     output_topic: String,
     dlq_topic: String,
 }
@@ -313,11 +341,11 @@ impl KafkaSink {
                 config.set(k, v);
             }
         }
-        let producer = config.create()?;
+        let producer = config.create_with_context(Logged)?;
         config.set("message.max.bytes", DLQ_MESSAGE_MAX_BYTES);
         Ok(KafkaSink {
             producer,
-            dlq_producer: config.create()?,
+            dlq_producer: config.create_with_context(Logged)?,
             output_topic: settings.output_topic.clone(),
             dlq_topic: settings.dlq_topic.clone(),
         })

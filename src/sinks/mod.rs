@@ -4,7 +4,8 @@ mod kafka;
 mod postgres;
 
 pub use kafka::{
-    kafka_config, producer_max_bytes, push_message_len, DeadLetter, KafkaSink, Outbox, PushMessage,
+    kafka_config, log as kafka_log, producer_max_bytes, push_message_len, DeadLetter, KafkaSink,
+    Logged, Outbox, PushMessage,
 };
 pub use postgres::{
     action_of, connect as postgres_connect, unix, FeedbackSink, Open, Refusals, ACTION_COLUMNS,
