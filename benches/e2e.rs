@@ -10,7 +10,9 @@
 //!   actions per restaurant: the throughput run (220,000 notifications);
 //! - `PF_E2E_LATENCY_RATES` actions/s × 100 subscribers, each for
 //!   `PF_E2E_LATENCY_SECONDS` [1000 and 200/s, 5 s]: latency from action
-//!   produced to push message read back;
+//!   produced to push message read back, first through a bare relay (the
+//!   broker's two hops with the service's client settings: the limit), then
+//!   through the service;
 //! - `PF_E2E_HOT` subscribers of one restaurant [1,000,000]: wall time and the
 //!   service's peak RSS;
 //! - `PF_E2E_INSTANCES` [1,2,3]: the throughput run's load through that many
@@ -45,6 +47,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -72,8 +75,8 @@ struct Bench {
     rows: Vec<(String, String, String)>,
     /// Throughputs for the plot: (what, per second).
     plotted: Vec<(String, f64)>,
-    /// Latency runs for the plot: (actions/s, sorted latencies in ms).
-    latencies: Vec<(u64, Vec<f64>)>,
+    /// Latency runs for the plot: (what, sorted latencies in ms).
+    latencies: Vec<(String, Vec<f64>)>,
 }
 
 fn subscribe(url: &str, restaurant: Uuid, n: u64) {
@@ -342,16 +345,36 @@ impl LateWriter {
     }
 }
 
-/// A consumer of every partition of `topic` from its beginning, fetching with
-/// a short wait (it timestamps what it reads).
-fn reader_from_start(brokers: &str, topic: &str) -> BaseConsumer {
+/// An idempotent producer with the service's settings (`acks=all`, 5 ms
+/// linger, lz4).
+fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create()
+        .unwrap()
+}
+
+/// The harness's readers' `fetch.wait.max.ms`: short, since they timestamp
+/// what they read.
+const READER_FETCH_WAIT_MS: &str = "5";
+
+/// Subscribers per restaurant of the latency runs.
+const STEADY_FAN_OUT: u64 = 100;
+
+/// A consumer of every partition of `topic` from its beginning, with
+/// `fetch_wait_ms` as its `fetch.wait.max.ms`.
+fn reader_from_start(brokers: &str, topic: &str, fetch_wait_ms: &str) -> BaseConsumer {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set(
             "group.id",
             format!("e2e_reader_{}", Uuid::new_v4().simple()),
         )
-        .set("fetch.wait.max.ms", "5")
+        .set("fetch.wait.max.ms", fetch_wait_ms)
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
@@ -361,6 +384,86 @@ fn reader_from_start(brokers: &str, topic: &str) -> BaseConsumer {
     }
     consumer.assign(&tpl).unwrap();
     consumer
+}
+
+/// The restaurants of a latency run: one action each, `rate` per second for
+/// a second of warm-up and `seconds` more.
+fn steady_restaurants(rate: u64, seconds: u64) -> Vec<Uuid> {
+    (0..rate * (seconds + 1)).map(|_| Uuid::new_v4()).collect()
+}
+
+/// The raw job behind the latency figure, with nothing of the service: it
+/// reads the input with the service's `fetch.wait.max.ms`, produces
+/// [`STEADY_FAN_OUT`] push messages per action with the service's producer
+/// settings (idempotent, `acks=all`, 5 ms linger, lz4), and waits for their
+/// acknowledgements before it reads on, as the service does per batch. No
+/// mirror, no sent set, no Postgres, no store.
+struct Relay {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Relay {
+    fn start(brokers: &str, t: &Topics) -> Relay {
+        let stop = Arc::new(AtomicBool::new(false));
+        let consumer =
+            reader_from_start(brokers, &t.input, promo_fanout::source::FETCH_WAIT_MAX_MS);
+        let producer = producer(brokers);
+        let output = t.output.clone();
+        let handle = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(first) = consumer.poll(Duration::from_millis(100)) else {
+                        continue;
+                    };
+                    let mut actions = vec![first.unwrap().detach()];
+                    while let Some(m) = consumer.poll(Duration::ZERO) {
+                        actions.push(m.unwrap().detach());
+                    }
+                    let sends: Vec<_> = actions
+                        .iter()
+                        .flat_map(|a| pushes(a.payload().unwrap()))
+                        .map(|(key, value)| {
+                            producer
+                                .send_result(FutureRecord::to(&output).key(&key).payload(&value))
+                                .map_err(|(e, _)| e)
+                                .unwrap()
+                        })
+                        .collect();
+                    for s in rt.block_on(futures::future::join_all(sends)) {
+                        s.unwrap().map_err(|(e, _)| e).unwrap();
+                    }
+                }
+            })
+        };
+        Relay { stop, handle }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap();
+    }
+}
+
+/// The push messages of one action for [`STEADY_FAN_OUT`] made-up clients,
+/// shaped as the service's: the action's fields, the client and when the
+/// push was made. (key, value).
+fn pushes(action: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut message: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(action).unwrap();
+    message.insert("trigger_datetime_created".into(), now().into());
+    (0..STEADY_FAN_OUT)
+        .map(|_| {
+            let client = Uuid::new_v4().to_string();
+            message.insert("client_id".into(), client.clone().into());
+            (client, serde_json::to_vec(&message).unwrap())
+        })
+        .collect()
 }
 
 /// Reads a push topic from the start and notes when each message for one
@@ -373,7 +476,7 @@ struct PushWatch {
 
 impl PushWatch {
     fn start(brokers: &str, topic: &str, restaurant: Uuid) -> PushWatch {
-        let consumer = reader_from_start(brokers, topic);
+        let consumer = reader_from_start(brokers, topic, READER_FETCH_WAIT_MS);
         let stop = Arc::new(AtomicBool::new(false));
         let seen: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
         let (flag, into) = (stop.clone(), seen.clone());
@@ -481,25 +584,34 @@ impl Bench {
             NewTopic::new(&t.dlq, 1, TopicReplication::Fixed(1)),
         ]
         .map(|topic| topic.set("retention.ms", "-1"));
-        for r in self
-            .rt
-            .block_on(admin.create_topics(&new, &AdminOptions::new()))
-            .unwrap()
-        {
-            r.unwrap();
+        // tansu has timed out creating topics now and then: the request is
+        // made again, and a topic an earlier attempt created counts as made.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let failed: Vec<String> = match self
+                .rt
+                .block_on(admin.create_topics(&new, &AdminOptions::new()))
+            {
+                Ok(results) => results
+                    .into_iter()
+                    .filter_map(|r| match r {
+                        Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => None,
+                        Err((topic, code)) => Some(format!("{topic}: {code}")),
+                    })
+                    .collect(),
+                Err(e) => vec![e.to_string()],
+            };
+            if failed.is_empty() {
+                return t;
+            }
+            assert!(attempts < 3, "creating the topics failed: {failed:?}");
+            eprintln!("creating the topics failed ({failed:?}); trying again");
         }
-        t
     }
 
     fn producer(&self) -> FutureProducer {
-        ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("compression.type", "lz4")
-            .create()
-            .unwrap()
+        producer(&self.brokers)
     }
 
     /// Produces `values` (key, value) and waits for every acknowledgement.
@@ -968,40 +1080,95 @@ impl Bench {
         }
     }
 
-    /// Steady load: action produced → push message read back.
+    /// Steady load through the service: action produced → push message read
+    /// back, each action to a restaurant with 100 subscribers.
     fn latency(&mut self, rate: u64, seconds: u64) {
         let scratch = scratch_db(&self.admin_url, "pf_e2e");
         let (name, url) = (scratch.name.clone(), scratch.url.clone());
-        // One more second up front, not counted, and read back before the
-        // counted actions start: the first fetches of a fresh consumer and
-        // topic are slow on the local broker, and what queued meanwhile
-        // drains only after.
-        let n = rate * seconds;
-        let warm_up = rate;
-        let rs: Vec<Uuid> = (0..n + warm_up).map(|_| Uuid::new_v4()).collect();
+        let rs = steady_restaurants(rate, seconds);
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         pg.execute(
             "INSERT INTO subscribers_restaurants (client_id, restaurant_id) \
-             SELECT gen_random_uuid(), r FROM unnest($1::uuid[]) r, generate_series(1, 100)",
-            &[&rs],
+             SELECT gen_random_uuid(), r FROM unnest($1::uuid[]) r, generate_series(1, $2::int)",
+            &[&rs, &(STEADY_FAN_OUT as i32)],
         )
         .unwrap();
         let t = self.topics(PARTITIONS);
         let state = tempfile::tempdir().unwrap();
         let (mut child, metrics) = self.service(&url, &t, state.path(), &name, &[]);
         self.wait_ready(&metrics, Duration::from_secs(300));
+        let lat = self.steady_load(&t, &rs, rate);
+        // How the actions were batched, and how long a batch was in flight
+        // (planned → both sinks → recorded), warm-up included.
+        let batches = metric(&metrics, "promo_fanout_batches_committed_total");
+        let in_flight = metric(&metrics, "promo_fanout_commit_seconds_sum")
+            / metric(&metrics, "promo_fanout_commit_seconds_count");
+        let _ = child.kill();
+        let _ = child.wait();
+        drop_db(&scratch);
+        let batching = format!(
+            "; {batches} batches of {:.1} actions, each {:.1} ms in flight on average",
+            rs.len() as f64 / batches,
+            in_flight * 1000.0
+        );
+        self.latency_row(
+            "latency, action → push visible",
+            rate,
+            seconds,
+            lat,
+            &batching,
+        );
+    }
 
+    /// The same load through a bare relay ([`Relay`]): the two hops through
+    /// the broker with the service's client settings and nothing else, the
+    /// limit for the latency figure.
+    fn relay_latency(&mut self, rate: u64, seconds: u64) {
+        let rs = steady_restaurants(rate, seconds);
+        let t = self.topics(PARTITIONS);
+        let relay = Relay::start(&self.brokers, &t);
+        let lat = self.steady_load(&t, &rs, rate);
+        relay.stop();
+        let what = "latency limit: a bare relay through the broker";
+        self.latency_row(what, rate, seconds, lat, "");
+    }
+
+    fn latency_row(&mut self, what: &str, rate: u64, seconds: u64, lat: Vec<f64>, note: &str) {
+        let q = |p: f64| percentile(&lat, p);
+        self.row(
+            what,
+            format!(
+                "p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms",
+                q(0.5),
+                q(0.95),
+                q(0.99)
+            ),
+            &format!(
+                "{rate} actions/s × {STEADY_FAN_OUT} subscribers for {seconds} s after 1 s of warm-up; {} of {} messages read back{note}",
+                lat.len(),
+                rate * seconds * STEADY_FAN_OUT
+            ),
+        );
+        self.latencies.push((format!("{what}, {rate}/s"), lat));
+    }
+
+    /// Produces one action to each of `restaurants` at `rate` per second,
+    /// each when due, and reads the push topic back. Returns the latencies
+    /// (ms, sorted) of the pushes of every action but the first second's,
+    /// which are read back before the counted actions start: the first
+    /// fetches of a fresh consumer and topic are slow on the local broker,
+    /// and what queued meanwhile drains only after.
+    fn steady_load(&self, t: &Topics, restaurants: &[Uuid], rate: u64) -> Vec<f64> {
+        let warm_up = rate as usize;
+        let seconds = (restaurants.len() / warm_up) as u64;
         // Campaign → (when produced, counted).
         let sent: Arc<Mutex<HashMap<String, (Instant, bool)>>> = Arc::default();
         let read_back = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reader = {
-            let brokers = self.brokers.clone();
-            let topic = t.output.clone();
-            let sent = sent.clone();
-            let read_back = read_back.clone();
-            let expected = (n + warm_up) * 100;
+            let consumer = reader_from_start(&self.brokers, &t.output, READER_FETCH_WAIT_MS);
+            let (sent, read_back) = (sent.clone(), read_back.clone());
+            let expected = restaurants.len() as u64 * STEADY_FAN_OUT;
             std::thread::spawn(move || {
-                let consumer = reader_from_start(&brokers, &topic);
                 let mut latencies = Vec::with_capacity(expected as usize);
                 let mut read = 0u64;
                 let deadline = Instant::now() + Duration::from_secs(seconds * 20 + 120);
@@ -1021,13 +1188,14 @@ impl Bench {
                         }
                     }
                 }
+                latencies.sort_by(|a, b| a.total_cmp(b));
                 latencies
             })
         };
         let producer = self.producer();
         let every = Duration::from_secs_f64(1.0 / rate as f64);
         let mut started = Instant::now();
-        let planned: Vec<(String, String, String)> = rs
+        let planned: Vec<(String, String, String)> = restaurants
             .iter()
             .map(|r| {
                 let k = Uuid::new_v4();
@@ -1037,7 +1205,7 @@ impl Bench {
         self.rt.block_on(async {
             let mut pending: Vec<rdkafka::producer::DeliveryFuture> = Vec::new();
             for (i, (key, payload, k)) in planned.iter().enumerate() {
-                if i as u64 == warm_up {
+                if i == warm_up {
                     // The counted actions start once the warm-up's pushes
                     // are all read back: the service is past its start (the
                     // group join, the first fetches, the first statements on
@@ -1045,8 +1213,9 @@ impl Bench {
                     for s in futures::future::join_all(std::mem::take(&mut pending)).await {
                         s.unwrap().map_err(|(e, _)| e).unwrap();
                     }
+                    let all = warm_up as u64 * STEADY_FAN_OUT;
                     wait_until("the warm-up read back", Duration::from_secs(120), || {
-                        (read_back.load(Ordering::Relaxed) >= warm_up * 100).then_some(())
+                        (read_back.load(Ordering::Relaxed) >= all).then_some(())
                     });
                     started = Instant::now() - every * i as u32;
                 }
@@ -1056,7 +1225,7 @@ impl Bench {
                 }
                 sent.lock()
                     .unwrap()
-                    .insert(k.clone(), (Instant::now(), i as u64 >= warm_up));
+                    .insert(k.clone(), (Instant::now(), i >= warm_up));
                 // Enqueued now (`send` would enqueue only when awaited, which
                 // would hold each message until the next batch of awaits).
                 pending.push(
@@ -1079,26 +1248,7 @@ impl Bench {
                 s.unwrap().map_err(|(e, _)| e).unwrap();
             }
         });
-        let mut lat = reader.join().unwrap();
-        lat.sort_by(|a, b| a.total_cmp(b));
-        let q = |p: f64| percentile(&lat, p);
-        let _ = child.kill();
-        let _ = child.wait();
-        drop_db(&scratch);
-        let figures = (q(0.5), q(0.95), q(0.99));
-        self.latencies.push((rate, lat.clone()));
-        self.row(
-            "latency, action → push visible",
-            format!(
-                "p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms",
-                figures.0, figures.1, figures.2
-            ),
-            &format!(
-                "{rate} actions/s × 100 subscribers for {seconds} s after 1 s of warm-up; {} of {} messages read back",
-                lat.len(),
-                n * 100
-            ),
-        );
+        reader.join().unwrap()
     }
 
     /// One action for a restaurant with `n` subscribers.
@@ -1175,6 +1325,19 @@ impl Bench {
             (sent() >= expected).then_some(())
         });
         let rate = expected / started.elapsed().as_secs_f64();
+        // What each instance did: a skewed split, or a rebalance moving
+        // partitions mid-way, shows here.
+        let shares: Vec<String> = instances
+            .iter()
+            .map(|(_, m)| {
+                format!(
+                    "{:.0} sent with {:.0} partition(s) after {:.0} rebalance(s)",
+                    metric(m, "promo_fanout_notifications_sent_total"),
+                    held(m),
+                    metric(m, "promo_fanout_rebalances_total")
+                )
+            })
+            .collect();
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         assert_eq!(
             feedback_rows(&mut pg) as f64,
@@ -1190,7 +1353,11 @@ impl Bench {
         self.row(
             &format!("{n} instance(s) in one group"),
             format!("{rate:.0} notifications/s"),
-            &format!("{}, {PARTITIONS} input partitions", load.describe()),
+            &format!(
+                "{}, {PARTITIONS} input partitions; by instance: {}",
+                load.describe(),
+                shares.join("; ")
+            ),
         );
         rate
     }
@@ -1422,7 +1589,9 @@ fn main() {
         .filter_map(|r| r.trim().parse::<u64>().ok())
     {
         if rate > 0 {
-            b.latency(rate, env_or("PF_E2E_LATENCY_SECONDS", 5));
+            let seconds = env_or("PF_E2E_LATENCY_SECONDS", 5);
+            b.relay_latency(rate, seconds);
+            b.latency(rate, seconds);
         }
     }
     let hot = env_or("PF_E2E_HOT", 1_000_000);
@@ -1463,7 +1632,7 @@ fn main() {
 
 /// The throughputs as bars and the latency runs as percentile curves, in one
 /// SVG.
-fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(u64, Vec<f64>)]) {
+fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(String, Vec<f64>)]) {
     use plotters::prelude::*;
 
     let root = SVGBackend::new(path, (1300, 520)).into_drawing_area();
@@ -1537,7 +1706,7 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(u64
         .y_desc("ms")
         .draw()
         .unwrap();
-    for (i, (rate, lat)) in latencies.iter().enumerate() {
+    for (i, (what, lat)) in latencies.iter().enumerate() {
         let colour = [RED, BLUE, GREEN, BLACK][i % 4];
         let step = (lat.len() / 1000).max(1);
         let points = lat
@@ -1549,7 +1718,7 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(u64
         chart
             .draw_series(LineSeries::new(points, colour.stroke_width(2)))
             .unwrap()
-            .label(format!("{rate} actions/s × 100 subscribers"))
+            .label(what.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
     }
     chart
