@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -393,11 +393,13 @@ fn steady_restaurants(rate: u64, seconds: u64) -> Vec<Uuid> {
 }
 
 /// The raw job behind the latency figure, with nothing of the service: it
-/// reads the input with the service's `fetch.wait.max.ms`, produces
+/// reads the input with the service's default `fetch.wait.max.ms`, produces
 /// [`STEADY_FAN_OUT`] push messages per action with the service's producer
-/// settings (idempotent, `acks=all`, 5 ms linger, lz4), and waits for their
-/// acknowledgements before it reads on, as the service does per batch. No
-/// mirror, no sent set, no Postgres, no store.
+/// settings (idempotent, `acks=all`, 5 ms linger, lz4) in batches of the
+/// service's default `batch-size`, commits the input offsets after each
+/// batch, and keeps as many batches awaiting their acknowledgements as the
+/// service's default `pipeline-depth`. No mirror, no sent set, no Postgres,
+/// no store. (`PF_E2E_SERVICE_ARGS` does not reach it.)
 struct Relay {
     stop: Arc<AtomicBool>,
     handle: std::thread::JoinHandle<()>,
@@ -417,26 +419,25 @@ impl Relay {
                     .enable_all()
                     .build()
                     .unwrap();
+                let defaults = promo_fanout::config::Settings::default();
+                let mut in_flight = std::collections::VecDeque::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let Some(first) = consumer.poll(Duration::from_millis(100)) else {
+                    let actions = next_batch(&consumer, defaults.batch_size);
+                    if actions.is_empty() {
                         continue;
-                    };
-                    let mut actions = vec![first.unwrap().detach()];
-                    while let Some(m) = consumer.poll(Duration::ZERO) {
-                        actions.push(m.unwrap().detach());
                     }
                     let sends: Vec<_> = actions
                         .iter()
                         .flat_map(|a| pushes(a.payload().unwrap()))
-                        .map(|(key, value)| {
-                            producer
-                                .send_result(FutureRecord::to(&output).key(&key).payload(&value))
-                                .map_err(|(e, _)| e)
-                                .unwrap()
-                        })
+                        .map(|(key, value)| send_waiting(&producer, &output, &key, &value))
                         .collect();
-                    for s in rt.block_on(futures::future::join_all(sends)) {
-                        s.unwrap().map_err(|(e, _)| e).unwrap();
+                    let _ = consumer.commit_consumer_state(CommitMode::Async);
+                    in_flight.push_back(sends);
+                    while in_flight.len() >= defaults.pipeline_depth {
+                        let oldest = in_flight.pop_front().unwrap();
+                        for s in rt.block_on(futures::future::join_all(oldest)) {
+                            s.unwrap().map_err(|(e, _)| e).unwrap();
+                        }
                     }
                 }
             })
@@ -447,6 +448,74 @@ impl Relay {
     fn stop(self) {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().unwrap();
+    }
+}
+
+/// Reads `expected` push messages (or until `limit`) on a thread, each
+/// counted in `read_back` once its campaign is in `sent`: the latencies
+/// (ms, sorted) of those of counted campaigns.
+fn read_latencies(
+    consumer: BaseConsumer,
+    expected: u64,
+    limit: Duration,
+    sent: Arc<Mutex<HashMap<String, (Instant, bool)>>>,
+    read_back: Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<Vec<f64>> {
+    std::thread::spawn(move || {
+        let mut latencies = Vec::with_capacity(expected as usize);
+        let mut read = 0u64;
+        let deadline = Instant::now() + limit;
+        while read < expected && Instant::now() < deadline {
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let seen = Instant::now();
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            let k = v["adv_campaign_id"].as_str().unwrap().to_owned();
+            if let Some((at, counted)) = sent.lock().unwrap().get(&k) {
+                read += 1;
+                read_back.store(read, Ordering::Relaxed);
+                if *counted {
+                    latencies.push(seen.duration_since(*at).as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        latencies
+    })
+}
+
+/// Up to `max` messages: the first within 100 ms, then what is already
+/// fetched. A read error is left for the next poll, as the service does.
+fn next_batch(consumer: &BaseConsumer, max: usize) -> Vec<rdkafka::message::OwnedMessage> {
+    let mut out = Vec::new();
+    let mut wait = Duration::from_millis(100);
+    while out.len() < max {
+        match consumer.poll(wait) {
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(_)) | None => break,
+        }
+        wait = Duration::ZERO;
+    }
+    out
+}
+
+/// Enqueues one record, waiting while the producer's queue is full.
+fn send_waiting(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    value: &[u8],
+) -> rdkafka::producer::DeliveryFuture {
+    loop {
+        match producer.send_result(FutureRecord::to(topic).key(key).payload(value)) {
+            Ok(delivery) => return delivery,
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                _,
+            )) => std::thread::sleep(Duration::from_millis(1)),
+            Err((e, _)) => panic!("relaying a push message: {e}"),
+        }
     }
 }
 
@@ -1097,7 +1166,11 @@ impl Bench {
         let state = tempfile::tempdir().unwrap();
         let (mut child, metrics) = self.service(&url, &t, state.path(), &name, &[]);
         self.wait_ready(&metrics, Duration::from_secs(300));
-        let lat = self.steady_load(&t, &rs, rate);
+        let lat = self.steady_load(&t, &rs, rate, seconds);
+        // A push is visible before its batch is recorded: the figures below
+        // wait for the last batches.
+        let all = (rs.len() as u64 * STEADY_FAN_OUT) as f64;
+        self.wait_sent(&metrics, all, Duration::from_secs(120));
         // How the actions were batched, and how long a batch was in flight
         // (planned → both sinks → recorded), warm-up included.
         let batches = metric(&metrics, "promo_fanout_batches_committed_total");
@@ -1127,7 +1200,7 @@ impl Bench {
         let rs = steady_restaurants(rate, seconds);
         let t = self.topics(PARTITIONS);
         let relay = Relay::start(&self.brokers, &t);
-        let lat = self.steady_load(&t, &rs, rate);
+        let lat = self.steady_load(&t, &rs, rate, seconds);
         relay.stop();
         let what = "latency limit: a bare relay through the broker";
         self.latency_row(what, rate, seconds, lat, "");
@@ -1158,40 +1231,18 @@ impl Bench {
     /// which are read back before the counted actions start: the first
     /// fetches of a fresh consumer and topic are slow on the local broker,
     /// and what queued meanwhile drains only after.
-    fn steady_load(&self, t: &Topics, restaurants: &[Uuid], rate: u64) -> Vec<f64> {
+    fn steady_load(&self, t: &Topics, restaurants: &[Uuid], rate: u64, seconds: u64) -> Vec<f64> {
         let warm_up = rate as usize;
-        let seconds = (restaurants.len() / warm_up) as u64;
         // Campaign → (when produced, counted).
         let sent: Arc<Mutex<HashMap<String, (Instant, bool)>>> = Arc::default();
         let read_back = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let reader = {
-            let consumer = reader_from_start(&self.brokers, &t.output, READER_FETCH_WAIT_MS);
-            let (sent, read_back) = (sent.clone(), read_back.clone());
-            let expected = restaurants.len() as u64 * STEADY_FAN_OUT;
-            std::thread::spawn(move || {
-                let mut latencies = Vec::with_capacity(expected as usize);
-                let mut read = 0u64;
-                let deadline = Instant::now() + Duration::from_secs(seconds * 20 + 120);
-                while read < expected && Instant::now() < deadline {
-                    let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
-                        continue;
-                    };
-                    let seen = Instant::now();
-                    let v: serde_json::Value =
-                        serde_json::from_slice(m.payload().unwrap()).unwrap();
-                    let k = v["adv_campaign_id"].as_str().unwrap().to_owned();
-                    if let Some((at, counted)) = sent.lock().unwrap().get(&k) {
-                        read += 1;
-                        read_back.store(read, Ordering::Relaxed);
-                        if *counted {
-                            latencies.push(seen.duration_since(*at).as_secs_f64() * 1000.0);
-                        }
-                    }
-                }
-                latencies.sort_by(|a, b| a.total_cmp(b));
-                latencies
-            })
-        };
+        let reader = read_latencies(
+            reader_from_start(&self.brokers, &t.output, READER_FETCH_WAIT_MS),
+            restaurants.len() as u64 * STEADY_FAN_OUT,
+            Duration::from_secs(seconds * 20 + 120),
+            sent.clone(),
+            read_back.clone(),
+        );
         let producer = self.producer();
         let every = Duration::from_secs_f64(1.0 / rate as f64);
         let mut started = Instant::now();
@@ -1319,6 +1370,8 @@ impl Bench {
                 .map(|(_, m)| metric(m, "promo_fanout_notifications_sent_total"))
                 .sum()
         };
+        let rebalances = |m: &String| metric(m, "promo_fanout_rebalances_total");
+        let joined: Vec<f64> = instances.iter().map(|(_, m)| rebalances(m)).collect();
         let started = Instant::now();
         self.produce_all(&self.producer(), &t.input, &actions);
         wait_until("every notification", STAGE, || {
@@ -1326,15 +1379,16 @@ impl Bench {
         });
         let rate = expected / started.elapsed().as_secs_f64();
         // What each instance did: a skewed split, or a rebalance moving
-        // partitions mid-way, shows here.
+        // partitions mid-way (counted from the load's start), shows here.
         let shares: Vec<String> = instances
             .iter()
-            .map(|(_, m)| {
+            .zip(&joined)
+            .map(|((_, m), before)| {
                 format!(
-                    "{:.0} sent with {:.0} partition(s) after {:.0} rebalance(s)",
+                    "{:.0} sent, {:.0} partition(s) at the end, {:.0} rebalance(s) during the load",
                     metric(m, "promo_fanout_notifications_sent_total"),
                     held(m),
-                    metric(m, "promo_fanout_rebalances_total")
+                    rebalances(m) - before
                 )
             })
             .collect();
