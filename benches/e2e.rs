@@ -1370,8 +1370,19 @@ impl Bench {
                 .map(|(_, m)| metric(m, "promo_fanout_notifications_sent_total"))
                 .sum()
         };
+        // A cooperative rebalance takes more than one round: the load starts
+        // once no instance has rebalanced for 3 s (its last round done).
         let rebalances = |m: &String| metric(m, "promo_fanout_rebalances_total");
-        let joined: Vec<f64> = instances.iter().map(|(_, m)| rebalances(m)).collect();
+        let counts = || -> Vec<f64> { instances.iter().map(|(_, m)| rebalances(m)).collect() };
+        let mut last = (counts(), Instant::now());
+        wait_until("the group to settle", STAGE, || {
+            let now = counts();
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+            (last.1.elapsed() >= Duration::from_secs(3)).then_some(())
+        });
+        let joined = counts();
         let started = Instant::now();
         self.produce_all(&self.producer(), &t.input, &actions);
         wait_until("every notification", STAGE, || {
