@@ -345,17 +345,16 @@ impl LateWriter {
     }
 }
 
-/// An idempotent producer with the service's settings (`acks=all`, 5 ms
-/// linger, lz4).
+/// A producer with the service's default settings (idempotent, `acks=all`,
+/// 5 ms linger, lz4).
 fn producer(brokers: &str) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .create()
-        .unwrap()
+    use promo_fanout::sinks::{PRODUCER_DEFAULTS, PRODUCER_GUARANTEE};
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (k, v) in PRODUCER_GUARANTEE.iter().chain(PRODUCER_DEFAULTS) {
+        config.set(*k, *v);
+    }
+    config.create().unwrap()
 }
 
 /// The harness's readers' `fetch.wait.max.ms`: short, since they timestamp

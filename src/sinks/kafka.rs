@@ -320,6 +320,13 @@ impl Outbox {
 /// broker, not the client, judges whether a dead letter fits.
 const DLQ_MESSAGE_MAX_BYTES: &str = "1000000000";
 
+/// What the producers are always set to, whatever `kafka.*` says: the
+/// delivery guarantee.
+pub const PRODUCER_GUARANTEE: &[(&str, &str)] = &[("enable.idempotence", "true"), ("acks", "all")];
+
+/// The producers' defaults, each overridable with `kafka.<property>`.
+pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[("linger.ms", "5"), ("compression.type", "lz4")];
+
 pub struct KafkaSink {
     /// Push messages, within the `message.max.bytes` the decoder holds
     /// actions to.
@@ -335,10 +342,12 @@ impl KafkaSink {
     pub fn new(settings: &Settings) -> Result<KafkaSink, KafkaError> {
         let mut config = kafka_config(settings);
         // Set after the pass-through: the delivery guarantee is not optional.
-        config.set("enable.idempotence", "true").set("acks", "all");
-        for (k, v) in [("linger.ms", "5"), ("compression.type", "lz4")] {
-            if !settings.kafka.contains_key(k) {
-                config.set(k, v);
+        for (k, v) in PRODUCER_GUARANTEE {
+            config.set(*k, *v);
+        }
+        for (k, v) in PRODUCER_DEFAULTS {
+            if !settings.kafka.contains_key(*k) {
+                config.set(*k, *v);
             }
         }
         let producer = config.create_with_context(Logged)?;
