@@ -13,7 +13,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::{Client, GenericClient, Statement};
 use uuid::Uuid;
 
 use crate::fanout::{key_of, CampaignKey, Notification};
@@ -114,15 +114,36 @@ pub fn action_of(row: &tokio_postgres::Row) -> Action {
 /// the state that says it was sent.
 pub struct FeedbackSink {
     url: String,
-    /// `None` after a connection error, until the next write reconnects.
-    clients: Vec<Arc<Mutex<Option<Client>>>>,
+    /// `None` until first used, and after a connection error until the next
+    /// write reconnects.
+    sessions: Vec<Arc<Mutex<Option<Session>>>>,
 }
 
 /// How long a batch's transaction may wait on the broker.
 const IDLE_IN_TRANSACTION: &str = "SET idle_in_transaction_session_timeout = '60s'";
 
 /// A connection of the sink, taken for one batch.
-type Connection = OwnedMutexGuard<Option<Client>>;
+type Connection = OwnedMutexGuard<Option<Session>>;
+
+/// A connection of the sink as every batch uses it.
+struct Session {
+    client: Client,
+    /// [`COPY`], prepared once rather than per batch.
+    copy: Statement,
+}
+
+impl Session {
+    async fn open(url: &str) -> Result<Session, tokio_postgres::Error> {
+        let client = connect(url).await?;
+        // A batch's transaction waits on the broker; one left idle longer
+        // (an outage, an instance frozen and fenced meanwhile) is ended by
+        // the server, releasing its row locks, and the batch commits
+        // through a new one.
+        client.batch_execute(IDLE_IN_TRANSACTION).await?;
+        let copy = client.prepare(COPY).await?;
+        Ok(Session { client, copy })
+    }
+}
 
 /// A connection to the Postgres at `url`, with TLS as the URL asks
 /// ([`crate::infra::tls`]).
@@ -157,17 +178,18 @@ impl Drop for Open {
 }
 
 impl FeedbackSink {
-    /// Connects the first of `connections` (at least one) now, to check the
-    /// database is there; the others connect on first use.
+    /// Checks now that the database is there and that its feedback table, if
+    /// it has one, takes the service's rows; the `connections` (at least
+    /// one) connect on first use.
     pub async fn connect(url: &str, connections: usize) -> Result<FeedbackSink, Failure> {
-        let first = connect(url).await.map_err(Failure::Postgres)?;
-        check_table(&first).await?;
-        let clients = std::iter::once(Arc::new(Mutex::new(Some(first))))
-            .chain((1..connections.max(1)).map(|_| Arc::new(Mutex::new(None))))
+        let client = connect(url).await.map_err(Failure::Postgres)?;
+        check_table(&client).await?;
+        let sessions = (0..connections.max(1))
+            .map(|_| Arc::new(Mutex::new(None)))
             .collect();
         Ok(FeedbackSink {
             url: url.to_owned(),
-            clients,
+            sessions,
         })
     }
 
@@ -175,30 +197,21 @@ impl FeedbackSink {
     /// flight one is free; waiting for the first to be freed is a fallback.
     async fn connection(&self) -> Result<Connection, Failure> {
         let free = self
-            .clients
+            .sessions
             .iter()
             .find_map(|c| c.clone().try_lock_owned().ok());
         let mut guard = match free {
             Some(guard) => guard,
             None => {
                 let waits = self
-                    .clients
+                    .sessions
                     .iter()
                     .map(|c| Box::pin(c.clone().lock_owned()));
                 futures::future::select_all(waits).await.0
             }
         };
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            let client = connect(&self.url).await.map_err(Failure::Postgres)?;
-            // A batch's transaction waits on the broker; one left idle
-            // longer (an outage, an instance frozen and fenced meanwhile) is
-            // ended by the server, releasing its row locks, and the batch
-            // commits through a new one.
-            client
-                .batch_execute(IDLE_IN_TRANSACTION)
-                .await
-                .map_err(Failure::Postgres)?;
-            *guard = Some(client);
+        if guard.as_ref().is_none_or(|s| s.client.is_closed()) {
+            *guard = Some(Session::open(&self.url).await.map_err(Failure::Postgres)?);
         }
         Ok(guard)
     }
@@ -210,10 +223,10 @@ impl FeedbackSink {
     pub async fn begin(&self, batch: &[&Notification]) -> Result<(Open, Refusals), Failure> {
         // Wrapped at once: dropped anywhere before the commit, it closes
         // the connection, and the transaction with it.
-        let mut open = Open {
+        let open = Open {
             connection: Some(self.connection().await?),
         };
-        let refused = write_isolating(open.client(), batch).await?;
+        let refused = write_isolating(open.session(), batch).await?;
         Ok((open, refused))
     }
 
@@ -233,10 +246,10 @@ impl FeedbackSink {
         let mut open = match open {
             Some(open) => open,
             None => {
-                let mut open = Open {
+                let open = Open {
                     connection: Some(self.connection().await?),
                 };
-                let client = open.client();
+                let client = &open.session().client;
                 client.batch_execute("BEGIN").await.map_err(pg)?;
                 if !rows.is_empty() {
                     insert(client, &Rows::new(rows.iter().copied()))
@@ -246,7 +259,7 @@ impl FeedbackSink {
                 open
             }
         };
-        let client = open.client();
+        let client = &open.session().client;
         let held = partitions::write(client, scope, held, record).await?;
         client.batch_execute("COMMIT").await.map_err(pg)?;
         // Committed: the connection goes back to the sink as it is.
@@ -325,10 +338,10 @@ async fn check_table(client: &Client) -> Result<(), Failure> {
 }
 
 impl Open {
-    fn client(&mut self) -> &mut Client {
+    fn session(&self) -> &Session {
         self.connection
-            .as_mut()
-            .and_then(|c| c.as_mut())
+            .as_ref()
+            .and_then(|c| c.as_ref())
             .expect("an open transaction has its connection")
     }
 }
@@ -338,10 +351,10 @@ impl Open {
 /// one statement that leaves them alone; when Postgres refuses the content,
 /// campaign by campaign (halving, each half under a savepoint) until the
 /// refused ones are found.
-async fn write_isolating(client: &Client, batch: &[&Notification]) -> Result<Refusals, Failure> {
-    let pg = Failure::Postgres;
+async fn write_isolating(session: &Session, batch: &[&Notification]) -> Result<Refusals, Failure> {
+    let (pg, client) = (Failure::Postgres, &session.client);
     client.batch_execute("BEGIN").await.map_err(pg)?;
-    let mut error = match copy(client, batch).await {
+    let mut error = match copy(session, batch).await {
         Ok(_) => return Ok(Refusals::new()),
         Err(e) => e,
     };
@@ -504,8 +517,9 @@ impl<'a> Row<'a> {
 }
 
 /// One binary COPY of a row per notification.
-async fn copy(client: &Client, batch: &[&Notification]) -> Result<u64, tokio_postgres::Error> {
-    let writer = BinaryCopyInWriter::new(client.copy_in(COPY).await?, &COPY_TYPES);
+async fn copy(session: &Session, batch: &[&Notification]) -> Result<u64, tokio_postgres::Error> {
+    let sink = session.client.copy_in(&session.copy).await?;
+    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
     futures::pin_mut!(writer);
     for n in batch {
         writer.as_mut().write(&Row::of(n).values()).await?;
