@@ -75,8 +75,9 @@ struct Bench {
     rows: Vec<(String, String, String)>,
     /// Throughputs for the plot: (what, per second).
     plotted: Vec<(String, f64)>,
-    /// Latency runs for the plot: (what, sorted latencies in ms).
-    latencies: Vec<(String, Vec<f64>)>,
+    /// Latency runs for the plot: (through what, actions per second,
+    /// sorted latencies in ms).
+    latencies: Vec<(&'static str, u64, Vec<f64>)>,
 }
 
 fn subscribe(url: &str, restaurant: Uuid, n: u64) {
@@ -904,6 +905,101 @@ impl Bench {
         rate
     }
 
+    /// The throughput stages: the raw limits, the service end to end in both
+    /// mirror modes with their ratios, and the peers. Returns the service's
+    /// rate with `cdc`.
+    fn throughput_stages(&mut self, load: &Load) -> f64 {
+        let total = load.notifications();
+        let (copy, insert) = self.raw_postgres(total);
+        let limit = copy.max(insert).min(self.raw_kafka(total));
+        let both = self.raw_both(total, total, false);
+        let fed = self.raw_with_feed(total);
+        let refresh_on = std::env::var("PF_E2E_REFRESH").map_or(true, |v| v != "0");
+        let refresh_first =
+            refresh_on && std::env::var("PF_E2E_REFRESH_FIRST").is_ok_and(|v| v == "1");
+        let mut refresh = refresh_first.then(|| self.throughput(load, "refresh"));
+        let rate = self.throughput(load, "cdc");
+        self.row(
+            "end to end ÷ min(raw Postgres, raw Kafka)",
+            format!("{:.2}", rate / limit),
+            "target ≥ 0.8",
+        );
+        self.row(
+            "end to end (cdc) ÷ raw Postgres COPY",
+            format!("{:.2}", rate / copy),
+            "target ≥ 0.8",
+        );
+        self.row(
+            "end to end (cdc) ÷ raw COPY and produce at once",
+            format!("{:.2}", rate / both),
+            "both sinks, as the service writes them",
+        );
+        if refresh_on {
+            let refresh = *refresh.get_or_insert_with(|| self.throughput(load, "refresh"));
+            self.row(
+                "end to end, cdc ÷ refresh",
+                format!("{:.2}", rate / refresh),
+                "same load and writer; target ≥ 1",
+            );
+        }
+        if let Some((chunked, followed)) = fed {
+            self.row(
+                "raw job, slot followed ÷ no slot",
+                format!("{:.2}", followed / chunked),
+                "the faster of two runs each: what Postgres's decoding of the rows costs \
+                 the raw job on these cores, the floor for cdc ÷ refresh",
+            );
+        }
+        self.peers(load, rate);
+        rate
+    }
+
+    /// The raw job with both sinks in the service's transactions, without a
+    /// slot and with one followed by `pg_recvlogical`: the faster of two
+    /// runs each. None with `PF_E2E_RAW_FEED=0` or without `pg_recvlogical`.
+    fn raw_with_feed(&mut self, total: u64) -> Option<(f64, f64)> {
+        if std::env::var("PF_E2E_RAW_FEED").is_ok_and(|v| v == "0") {
+            return None;
+        }
+        let found = Command::new("pg_recvlogical").arg("--version").output();
+        if found.is_err() {
+            println!("pg_recvlogical is not on PATH (Debian's postgresql-client): no raw job with a slot followed");
+            return None;
+        }
+        // What the service writes per transaction by default.
+        let chunk = promo_fanout::config::Settings::default().chunk_size as u64;
+        // Alternated, twice each, the faster kept: the first runs of a stage
+        // on a fresh topic and database are the slowest.
+        let mut best = [0f64; 2];
+        for _ in 0..2 {
+            for (i, follow) in [false, true].into_iter().enumerate() {
+                best[i] = best[i].max(self.raw_both(total, chunk, follow));
+            }
+        }
+        Some((best[0], best[1]))
+    }
+
+    /// The peers named in `PF_E2E_PEERS` on the same load, each against the
+    /// service's `rate`.
+    fn peers(&mut self, load: &Load, rate: f64) {
+        let peers = std::env::var("PF_E2E_PEERS").unwrap_or_else(|_| "quix,flink".into());
+        for (name, slug, target) in [
+            ("Quix Streams", "quix", 6.0),
+            ("PyFlink (Flink SQL)", "flink", 4.5),
+        ] {
+            if !peers.split(',').any(|p| p.trim() == slug) {
+                continue;
+            }
+            if let Some(peer) = self.peer(name, slug, load) {
+                self.row(
+                    &format!("promo-fanout ÷ {name}"),
+                    format!("{:.1}×", rate / peer),
+                    &format!("target ≥ {target}×"),
+                );
+            }
+        }
+    }
+
     /// The service end to end in `mode` (`cdc` or `refresh`): notifications/s
     /// committed on both sinks, while a writer adds [`writer_rate`]
     /// subscribers a second to a restaurant whose campaign has been fanned
@@ -1057,69 +1153,17 @@ impl Bench {
             &t.input,
             &[(warm.to_string(), action(warm, Uuid::new_v4()))],
         );
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("benches/peers")
-            .join(format!("{slug}_peer.py"));
         let state = tempfile::tempdir().unwrap();
         let log = bench_dir().join(format!("peer-{slug}.log"));
-        let mut child = Command::new(&python)
-            .arg(&script)
-            .args([&self.brokers, &t.input, &t.output, &db, &url])
-            .arg(state.path())
-            .env(
-                "PATH",
-                format!(
-                    "{}:{}",
-                    venv.join("bin").display(),
-                    std::env::var("PATH").unwrap_or_default()
-                ),
-            )
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::from(
-                std::fs::File::options().append(true).open(&log).unwrap(),
-            ))
-            .spawn()
-            .unwrap();
+        let mut child = self.spawn_peer(slug, &t, (&db, &url), state.path(), &log);
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        let launched = Instant::now();
-        let mut outcome = Err(String::new());
-        while launched.elapsed() < Duration::from_secs(300) {
-            if feedback_rows(&mut pg) >= 1 {
-                outcome = Ok(launched.elapsed());
-                break;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                outcome = Err(format!("exited with {status} before its first row"));
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let result = match outcome {
-            Err(why) => Err(if why.is_empty() {
-                "no row within 300 s".into()
-            } else {
-                why
-            }),
-            Ok(startup) => {
-                let expected = load.notifications() as i64 + 1;
-                let started = Instant::now();
-                self.produce_all(&producer, &t.input, &actions);
-                let mut done = Err("did not finish within 1,800 s".to_string());
-                while started.elapsed() < Duration::from_secs(1800) {
-                    let n = feedback_rows(&mut pg);
-                    if n >= expected {
-                        done = Ok((expected - 1) as f64 / started.elapsed().as_secs_f64());
-                        break;
-                    }
-                    if let Ok(Some(status)) = child.try_wait() {
-                        done = Err(format!("exited with {status} after {n} of {expected} rows"));
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                done.map(|rate| (rate, startup))
-            }
-        };
+        let expected = load.notifications() as i64 + 1;
+        let result = first_row(&mut child, &mut pg).and_then(|startup| {
+            let started = Instant::now();
+            self.produce_all(&producer, &t.input, &actions);
+            let rows = all_rows(&mut child, &mut pg, expected)?;
+            Ok((rows / started.elapsed().as_secs_f64(), startup))
+        });
         let _ = child.kill();
         let _ = child.wait();
         drop(pg);
@@ -1146,6 +1190,40 @@ impl Bench {
                 None
             }
         }
+    }
+
+    /// Starts the peer `slug` (`benches/peers/{slug}_peer.py` in its venv)
+    /// on the topics `t` and the database (`db`, `url`), logging to `log`.
+    fn spawn_peer(
+        &self,
+        slug: &str,
+        t: &Topics,
+        (db, url): (&str, &str),
+        state: &std::path::Path,
+        log: &std::path::Path,
+    ) -> std::process::Child {
+        let venv = peers_dir().join(slug);
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("benches/peers")
+            .join(format!("{slug}_peer.py"));
+        Command::new(venv.join("bin/python3"))
+            .arg(&script)
+            .args([&self.brokers, &t.input, &t.output, db, url])
+            .arg(state)
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    venv.join("bin").display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(Stdio::from(
+                std::fs::File::options().append(true).open(log).unwrap(),
+            ))
+            .spawn()
+            .unwrap()
     }
 
     /// Steady load through the service: action produced → push message read
@@ -1184,7 +1262,7 @@ impl Bench {
             in_flight * 1000.0
         );
         self.latency_row(
-            "latency, action → push visible",
+            ("latency, action → push visible", "promo-fanout"),
             rate,
             seconds,
             lat,
@@ -1201,11 +1279,23 @@ impl Bench {
         let relay = Relay::start(&self.brokers, &t);
         let lat = self.steady_load(&t, &rs, rate, seconds);
         relay.stop();
-        let what = "latency limit: a bare relay through the broker";
+        let what = (
+            "latency limit: a bare relay through the broker",
+            RELAY_PLOTTED,
+        );
         self.latency_row(what, rate, seconds, lat, "");
     }
 
-    fn latency_row(&mut self, what: &str, rate: u64, seconds: u64, lat: Vec<f64>, note: &str) {
+    /// A latency row; `what` is the row's name and the plot's.
+    fn latency_row(
+        &mut self,
+        what: (&str, &'static str),
+        rate: u64,
+        seconds: u64,
+        lat: Vec<f64>,
+        note: &str,
+    ) {
+        let (what, plotted) = what;
         let q = |p: f64| percentile(&lat, p);
         self.row(
             what,
@@ -1221,7 +1311,7 @@ impl Bench {
                 rate * seconds * STEADY_FAN_OUT
             ),
         );
-        self.latencies.push((format!("{what}, {rate}/s"), lat));
+        self.latencies.push((plotted, rate, lat));
     }
 
     /// Produces one action to each of `restaurants` at `rate` per second,
@@ -1564,89 +1654,7 @@ fn main() {
         skewed: env_or("PF_E2E_SKEWED", 2),
     };
     let total = load.notifications();
-    let mut limit = f64::INFINITY;
-    let mut end_to_end = None;
-    if total > 0 {
-        let (copy, insert) = b.raw_postgres(total);
-        limit = limit.min(copy.max(insert));
-        limit = limit.min(b.raw_kafka(total));
-        let both = b.raw_both(total, total, false);
-        let pg_recvlogical = Command::new("pg_recvlogical")
-            .arg("--version")
-            .output()
-            .is_ok();
-        let (chunked, followed) = if std::env::var("PF_E2E_RAW_FEED").is_ok_and(|v| v == "0") {
-            (None, None)
-        } else if !pg_recvlogical {
-            println!("pg_recvlogical is not on PATH (Debian's postgresql-client): no raw job with a slot followed");
-            (None, None)
-        } else {
-            // What the service writes per transaction by default.
-            let chunk = promo_fanout::config::Settings::default().chunk_size as u64;
-            // Alternated, twice each, the faster kept: the first runs of a
-            // stage on a fresh topic and database are the slowest.
-            let mut best = [0f64; 2];
-            for _ in 0..2 {
-                for (i, follow) in [false, true].into_iter().enumerate() {
-                    best[i] = best[i].max(b.raw_both(total, chunk, follow));
-                }
-            }
-            (Some(best[0]), Some(best[1]))
-        };
-        let refresh_on = std::env::var("PF_E2E_REFRESH").map_or(true, |v| v != "0");
-        let refresh_first =
-            refresh_on && std::env::var("PF_E2E_REFRESH_FIRST").is_ok_and(|v| v == "1");
-        let mut refresh = refresh_first.then(|| b.throughput(&load, "refresh"));
-        let rate = b.throughput(&load, "cdc");
-        end_to_end = Some(rate);
-        b.row(
-            "end to end ÷ min(raw Postgres, raw Kafka)",
-            format!("{:.2}", rate / limit),
-            "target ≥ 0.8",
-        );
-        b.row(
-            "end to end (cdc) ÷ raw Postgres COPY",
-            format!("{:.2}", rate / copy),
-            "target ≥ 0.8",
-        );
-        b.row(
-            "end to end (cdc) ÷ raw COPY and produce at once",
-            format!("{:.2}", rate / both),
-            "both sinks, as the service writes them",
-        );
-        if refresh_on {
-            let refresh = *refresh.get_or_insert_with(|| b.throughput(&load, "refresh"));
-            b.row(
-                "end to end, cdc ÷ refresh",
-                format!("{:.2}", rate / refresh),
-                "same load and writer; target ≥ 1",
-            );
-        }
-        if let (Some(chunked), Some(followed)) = (chunked, followed) {
-            b.row(
-                "raw job, slot followed ÷ no slot",
-                format!("{:.2}", followed / chunked),
-                "the faster of two runs each: what Postgres's decoding of the rows costs \
-                 the raw job on these cores, the floor for cdc ÷ refresh",
-            );
-        }
-        let peers = std::env::var("PF_E2E_PEERS").unwrap_or_else(|_| "quix,flink".into());
-        for (name, slug, target) in [
-            ("Quix Streams", "quix", 6.0),
-            ("PyFlink (Flink SQL)", "flink", 4.5),
-        ] {
-            if !peers.split(',').any(|p| p.trim() == slug) {
-                continue;
-            }
-            if let Some(peer) = b.peer(name, slug, &load) {
-                b.row(
-                    &format!("promo-fanout ÷ {name}"),
-                    format!("{:.1}×", rate / peer),
-                    &format!("target ≥ {target}×"),
-                );
-            }
-        }
-    }
+    let end_to_end = (total > 0).then(|| b.throughput_stages(&load));
     let latency_rates = std::env::var("PF_E2E_LATENCY_RATES").unwrap_or_else(|_| "1000,200".into());
     for rate in latency_rates
         .split(',')
@@ -1694,18 +1702,37 @@ fn main() {
     );
 }
 
-/// The throughputs as bars and the latency runs as percentile curves, in one
-/// SVG.
-fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(String, Vec<f64>)]) {
+/// The latency curve of the bare relay, drawn dashed beside the service's
+/// at the same rate.
+const RELAY_PLOTTED: &str = "bare relay";
+
+/// The throughputs and the latency runs, side by side in one SVG.
+fn plot(
+    path: &std::path::Path,
+    throughputs: &[(String, f64)],
+    latencies: &[(&'static str, u64, Vec<f64>)],
+) {
     use plotters::prelude::*;
 
     let root = SVGBackend::new(path, (1300, 520)).into_drawing_area();
     root.fill(&WHITE).unwrap();
     let (left, right) = root.split_horizontally(700);
+    throughput_chart(&left, throughputs);
+    latency_chart(&right, latencies);
+    root.present().unwrap();
+}
+
+type Area<'a> =
+    plotters::drawing::DrawingArea<plotters::backend::SVGBackend<'a>, plotters::coord::Shift>;
+
+/// The throughputs as bars: the service's red, the raw jobs' blue, the
+/// peers' black.
+fn throughput_chart(left: &Area, throughputs: &[(String, f64)]) {
+    use plotters::prelude::*;
 
     let n = throughputs.len().max(1);
     let top = throughputs.iter().map(|t| t.1).fold(1.0, f64::max) * 1.15;
-    let mut chart = ChartBuilder::on(&left)
+    let mut chart = ChartBuilder::on(left)
         .caption(
             "Throughput (rows, messages or notifications per second)",
             ("sans-serif", 18),
@@ -1730,7 +1757,7 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(Str
         .unwrap();
     chart
         .draw_series(throughputs.iter().enumerate().map(|(i, (what, v))| {
-            let colour = if what == "promo-fanout" {
+            let colour = if what.starts_with("promo-fanout") {
                 RED
             } else if what.starts_with("raw") {
                 BLUE
@@ -1748,13 +1775,19 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(Str
             bar
         }))
         .unwrap();
+}
+
+/// The latency runs as percentile curves: one colour per rate, the relay's
+/// curve dashed.
+fn latency_chart(right: &Area, latencies: &[(&'static str, u64, Vec<f64>)]) {
+    use plotters::prelude::*;
 
     let highest = latencies
         .iter()
-        .filter_map(|(_, l)| l.last().copied())
+        .filter_map(|(_, _, l)| l.last().copied())
         .fold(1.0, f64::max)
         * 1.1;
-    let mut chart = ChartBuilder::on(&right)
+    let mut chart = ChartBuilder::on(right)
         .caption(
             "Latency, action produced → push visible (ms, log scale)",
             ("sans-serif", 18),
@@ -1770,7 +1803,12 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(Str
         .y_desc("ms")
         .draw()
         .unwrap();
-    for (i, (what, lat)) in latencies.iter().enumerate() {
+    // One colour per rate; the relay's curve dashed in its rate's colour.
+    let mut rates: Vec<u64> = latencies.iter().map(|(_, r, _)| *r).collect();
+    rates.sort_unstable();
+    rates.dedup();
+    for (what, rate, lat) in latencies {
+        let i = rates.binary_search(rate).unwrap_or(0);
         let colour = [RED, BLUE, GREEN, BLACK][i % 4];
         let step = (lat.len() / 1000).max(1);
         let points = lat
@@ -1779,11 +1817,28 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(Str
             .step_by(step)
             .chain(lat.last().map(|l| (lat.len() - 1, l)))
             .map(|(j, v)| (j as f64 * 100.0 / lat.len().max(1) as f64, v.max(1.0)));
-        chart
-            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
-            .unwrap()
-            .label(what.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+        let label = format!("{what}, {rate} actions/s");
+        if *what == RELAY_PLOTTED {
+            let style = colour.stroke_width(1);
+            chart
+                .draw_series(DashedLineSeries::new(points, 6, 4, style))
+                .unwrap()
+                .label(label)
+                .legend(move |(x, y)| {
+                    plotters::element::DashedPathElement::new(
+                        vec![(x, y), (x + 20, y)],
+                        6,
+                        4,
+                        style,
+                    )
+                });
+        } else {
+            chart
+                .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+                .unwrap()
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+        }
     }
     chart
         .configure_series_labels()
@@ -1792,7 +1847,46 @@ fn plot(path: &std::path::Path, throughputs: &[(String, f64)], latencies: &[(Str
         .background_style(WHITE)
         .draw()
         .unwrap();
-    root.present().unwrap();
+}
+
+/// How long the peer `child` took from launch to its first feedback row
+/// (its warm-up action's), at most 300 s.
+fn first_row(
+    child: &mut std::process::Child,
+    pg: &mut postgres::Client,
+) -> Result<Duration, String> {
+    let launched = Instant::now();
+    while launched.elapsed() < Duration::from_secs(300) {
+        if feedback_rows(pg) >= 1 {
+            return Ok(launched.elapsed());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited with {status} before its first row"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err("no row within 300 s".into())
+}
+
+/// Waits, at most 1,800 s, until the peer `child` has written `expected`
+/// feedback rows; returns how many it wrote after the first.
+fn all_rows(
+    child: &mut std::process::Child,
+    pg: &mut postgres::Client,
+    expected: i64,
+) -> Result<f64, String> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(1800) {
+        let n = feedback_rows(pg);
+        if n >= expected {
+            return Ok((expected - 1) as f64);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited with {status} after {n} of {expected} rows"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err("did not finish within 1,800 s".into())
 }
 
 /// The pid of the walsender serving the database at `url`'s change feed, if
