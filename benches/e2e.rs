@@ -1060,7 +1060,7 @@ impl Bench {
             format!("{rate:.0} notifications/s"),
             &conditions,
         );
-        self.plotted.push((format!("promo-fanout {mode}"), rate));
+        self.plotted.push((mode.to_owned(), rate));
         self.row(
             &format!("CPU used during the run, {mode}"),
             cpu,
@@ -1178,7 +1178,7 @@ impl Bench {
                         startup.as_secs_f64()
                     ),
                 );
-                self.plotted.push((name.to_owned(), rate));
+                self.plotted.push((slug.to_owned(), rate));
                 Some(rate)
             }
             Err(why) => {
@@ -1725,8 +1725,8 @@ fn plot(
 type Area<'a> =
     plotters::drawing::DrawingArea<plotters::backend::SVGBackend<'a>, plotters::coord::Shift>;
 
-/// The throughputs as bars: the service's red, the raw jobs' blue, the
-/// peers' black.
+/// The throughputs as bars: the service's red (named by its mirror mode),
+/// the raw jobs' blue, the peers' black (named by their slug).
 fn throughput_chart(left: &Area, throughputs: &[(String, f64)]) {
     use plotters::prelude::*;
 
@@ -1734,7 +1734,7 @@ fn throughput_chart(left: &Area, throughputs: &[(String, f64)]) {
     let top = throughputs.iter().map(|t| t.1).fold(1.0, f64::max) * 1.15;
     let mut chart = ChartBuilder::on(left)
         .caption(
-            "Throughput (rows, messages or notifications per second)",
+            "Per second: raw jobs (blue), promo-fanout (red), peers (black)",
             ("sans-serif", 18),
         )
         .margin(12)
@@ -1757,7 +1757,7 @@ fn throughput_chart(left: &Area, throughputs: &[(String, f64)]) {
         .unwrap();
     chart
         .draw_series(throughputs.iter().enumerate().map(|(i, (what, v))| {
-            let colour = if what.starts_with("promo-fanout") {
+            let colour = if what == "cdc" || what == "refresh" {
                 RED
             } else if what.starts_with("raw") {
                 BLUE
