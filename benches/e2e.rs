@@ -1158,11 +1158,14 @@ impl Bench {
         let mut child = self.spawn_peer(slug, &t, (&db, &url), state.path(), &log);
         let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         let expected = load.notifications() as i64 + 1;
-        let result = first_row(&mut child, &mut pg).and_then(|startup| {
+        // The warm-up action's row first: the start-up is not counted.
+        let first = wait_rows(&mut child, &mut pg, 1, Duration::from_secs(300));
+        let result = first.and_then(|startup| {
             let started = Instant::now();
             self.produce_all(&producer, &t.input, &actions);
-            let rows = all_rows(&mut child, &mut pg, expected)?;
-            Ok((rows / started.elapsed().as_secs_f64(), startup))
+            wait_rows(&mut child, &mut pg, expected, Duration::from_secs(1800))?;
+            let rate = (expected - 1) as f64 / started.elapsed().as_secs_f64();
+            Ok((rate, startup))
         });
         let _ = child.kill();
         let _ = child.wait();
@@ -1849,44 +1852,29 @@ fn latency_chart(right: &Area, latencies: &[(&'static str, u64, Vec<f64>)]) {
         .unwrap();
 }
 
-/// How long the peer `child` took from launch to its first feedback row
-/// (its warm-up action's), at most 300 s.
-fn first_row(
+/// Waits, at most `limit`, until the peer `child` has written `want`
+/// feedback rows; returns how long that took.
+fn wait_rows(
     child: &mut std::process::Child,
     pg: &mut postgres::Client,
+    want: i64,
+    limit: Duration,
 ) -> Result<Duration, String> {
-    let launched = Instant::now();
-    while launched.elapsed() < Duration::from_secs(300) {
-        if feedback_rows(pg) >= 1 {
-            return Ok(launched.elapsed());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("exited with {status} before its first row"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err("no row within 300 s".into())
-}
-
-/// Waits, at most 1,800 s, until the peer `child` has written `expected`
-/// feedback rows; returns how many it wrote after the first.
-fn all_rows(
-    child: &mut std::process::Child,
-    pg: &mut postgres::Client,
-    expected: i64,
-) -> Result<f64, String> {
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(1800) {
+    while started.elapsed() < limit {
         let n = feedback_rows(pg);
-        if n >= expected {
-            return Ok((expected - 1) as f64);
+        if n >= want {
+            return Ok(started.elapsed());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("exited with {status} after {n} of {expected} rows"));
+            return Err(format!("exited with {status} after {n} of {want} rows"));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err("did not finish within 1,800 s".into())
+    Err(format!(
+        "{want} rows not written within {} s",
+        limit.as_secs()
+    ))
 }
 
 /// The pid of the walsender serving the database at `url`'s change feed, if
