@@ -307,15 +307,12 @@ impl Pipeline {
     /// the batches in flight are delivered and recorded, on an error they
     /// are left to be replayed.
     async fn run(mut self) -> Result<(), RunError> {
-        let outcome = self.batches().await;
-        self.mirror.stop().await;
-        let outcome = match outcome {
-            Err(Stopped::Fatal(error)) => {
-                self.committer.abort().await;
-                Err(error)
-            }
-            Ok(()) | Err(Stopped::Shutdown) => drain(self.committer, &self.recorded).await,
+        let outcome = match self.batches().await {
+            Err(Stopped::Fatal(error)) => Err(error),
+            Ok(()) | Err(Stopped::Shutdown) => self.drain().await,
         };
+        self.committer.abort().await;
+        self.mirror.stop().await;
         self.lag.stop().await;
         tracing::info!("stopped");
         outcome
@@ -340,7 +337,7 @@ impl Pipeline {
                 }
             }
             while let Some(recorded) = self.committer.next().now_or_never() {
-                self.recorded(recorded)?;
+                self.recorded(recorded.map_err(|s| s.map(RunError::Delivery))?);
             }
             let wait = if self.planner.busy(clock::now()) {
                 Duration::ZERO
@@ -375,7 +372,7 @@ impl Pipeline {
             };
             while self.committer.is_full() {
                 let recorded = self.next_recorded().await?;
-                self.recorded(Ok(recorded))?;
+                self.recorded(recorded);
             }
             self.committer.submit(batch);
         }
@@ -478,7 +475,7 @@ impl Pipeline {
     async fn record_in_flight(&mut self) -> Step<()> {
         while !self.committer.is_empty() {
             let recorded = self.next_recorded().await?;
-            self.recorded(Ok(recorded))?;
+            self.recorded(recorded);
         }
         Ok(())
     }
@@ -493,8 +490,7 @@ impl Pipeline {
 
     /// Takes in a recorded batch: its positions for the lag, its refusals
     /// for the planner.
-    fn recorded(&mut self, recorded: Result<Recorded, Stopped>) -> Step<()> {
-        let recorded = recorded.map_err(|s| s.map(RunError::Delivery))?;
+    fn recorded(&mut self, recorded: Recorded) {
         self.planner.recorded();
         self.planner.forget(&recorded.refused);
         let held = self.planner.partitions();
@@ -505,34 +501,24 @@ impl Pipeline {
                 }
             }
         });
-        Ok(())
     }
-}
 
-/// Delivers and records the batches in flight at shutdown, unless an outage
-/// holds them past the grace period: they are then replayed after the
-/// restart.
-async fn drain(
-    mut committer: Committer,
-    positions: &watch::Sender<BTreeMap<i32, i64>>,
-) -> Result<(), RunError> {
-    while !committer.is_empty() {
-        match committer.next().await {
-            Ok(recorded) => {
-                positions.send_replace(recorded.batch.positions.clone());
-            }
-            Err(Stopped::Shutdown) => {
-                tracing::info!("shutdown during an outage: the batches in flight are left unrecorded and will be replayed");
-                break;
-            }
-            Err(Stopped::Fatal(error)) => {
-                committer.abort().await;
-                return Err(RunError::Delivery(error));
+    /// Delivers and records the batches in flight at shutdown, unless an
+    /// outage holds them past the grace period: they are then replayed
+    /// after the restart.
+    async fn drain(&mut self) -> Result<(), RunError> {
+        while !self.committer.is_empty() {
+            match self.committer.next().await {
+                Ok(recorded) => self.recorded(recorded),
+                Err(Stopped::Shutdown) => {
+                    tracing::info!("shutdown during an outage: the batches in flight are left unrecorded and will be replayed");
+                    break;
+                }
+                Err(Stopped::Fatal(error)) => return Err(RunError::Delivery(error)),
             }
         }
+        Ok(())
     }
-    committer.abort().await;
-    Ok(())
 }
 
 /// Where each of `partitions` starts (see [`Source::start_positions`]), and
