@@ -514,20 +514,35 @@ fn env_key(key: &str) -> String {
     }
 }
 
+/// One line per setting that failed: where the value came from (the flag,
+/// the environment variable or the file, with its key) and what is wrong.
 fn describe(e: figment::Error) -> String {
     e.into_iter()
         .map(|e| {
-            let mut s = e.to_string();
-            if let Some(md) = &e.metadata {
-                s.push_str(&format!(" (from {})", md.name));
-                if let Some(src) = &md.source {
-                    s.push_str(&format!(" {src}"));
-                }
-            }
-            s
+            let key = e.path.join(".").to_ascii_lowercase();
+            format!("{}: {}", origin(e.metadata.as_ref(), &key), e.kind)
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// How the user wrote `key`, from the metadata of the provider it came from
+/// (see [`Settings::figment`]).
+fn origin(metadata: Option<&figment::Metadata>, key: &str) -> String {
+    let Some(metadata) = metadata else {
+        return key.to_owned();
+    };
+    match &metadata.source {
+        Some(figment::Source::File(path)) => format!("{key} in {}", path.display()),
+        _ if metadata.name.contains("environment") => {
+            format!(
+                "PROMO_FANOUT_{}",
+                key.to_ascii_uppercase().replace(['-', '.'], "_")
+            )
+        }
+        _ if metadata.name.ends_with("SettingsArgs") => format!("--{key}"),
+        _ => key.to_owned(),
+    }
 }
 
 /// Masks the password of a `postgres://user:password@host/db` URL or a

@@ -84,7 +84,18 @@ fn an_unknown_setting_is_refused() {
     assert!(stderr(&o).contains("broker"), "{}", stderr(&o));
     let o = run(&["run", "--expiry-margin", "ten"], &[]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("expiry-margin"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--expiry-margin: invalid value string \"ten\", expected a duration"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["run"], &[("PROMO_FANOUT_BATCH_SIZE", "many")]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("PROMO_FANOUT_BATCH_SIZE: invalid type: found string \"many\""),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Each instance has its own state directory: one started on another
@@ -146,7 +157,7 @@ fn a_store_of_another_pipeline_is_refused_at_start() {
         "t1",
     ]);
     assert!(
-        err.contains("belongs to group \"g1\"") && err.contains("state rebuild"),
+        err.contains("belongs to group \"g1\"") && err.contains("with an empty --state-dir"),
         "{err}"
     );
 }
@@ -157,9 +168,14 @@ fn a_damaged_store_is_refused_at_start() {
     std::fs::write(dir.path().join("CURRENT"), "MANIFEST-999999\n").unwrap();
     let err = refused_at_start(&["--state-dir", dir.path().to_str().unwrap()]);
     assert!(
-        err.contains("cannot open the state store") && err.contains("state rebuild"),
+        err.contains("cannot open the state store") && err.contains("with an empty --state-dir"),
         "{err}"
     );
+
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let err = refused_at_start(&["--state-dir", file.to_str().unwrap()]);
+    assert!(err.contains("is a file, not a directory"), "{err}");
 }
 
 #[test]

@@ -7,12 +7,18 @@ use std::path::PathBuf;
 pub enum StoreError {
     #[error(
         "cannot open the state store at {path}: {error}; if the directory is damaged, move it \
-         aside and run `promo-fanout state rebuild`"
+         aside and start `promo-fanout run` with an empty --state-dir: it restores the store \
+         from Postgres"
     )]
     Open {
         path: PathBuf,
         error: rocksdb::Error,
     },
+
+    #[error(
+        "the state store at {path} is a file, not a directory; point --state-dir at a directory"
+    )]
+    NotADirectory { path: PathBuf },
 
     #[error(
         "the state store at {path} is held by another process (a running `promo-fanout run`?); \
@@ -22,8 +28,8 @@ pub enum StoreError {
 
     #[error(
         "the state store at {path} has schema version {found}, this build understands {supported}; \
-         use a matching promo-fanout build, or move the directory aside and run \
-         `promo-fanout state rebuild`"
+         use a matching promo-fanout build, or move the directory aside and start \
+         `promo-fanout run` with an empty --state-dir"
     )]
     SchemaVersion {
         path: PathBuf,
@@ -34,7 +40,7 @@ pub enum StoreError {
     #[error(
         "the state store at {path} belongs to group {found_group:?} on topic {found_topic:?}, not \
          group {group:?} on topic {topic:?}; point --state-dir at this pipeline's own directory, \
-         or move it aside and run `promo-fanout state rebuild`"
+         or move it aside and start `promo-fanout run` with an empty --state-dir"
     )]
     ForeignStore {
         path: PathBuf,

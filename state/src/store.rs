@@ -108,6 +108,7 @@ impl Store {
     /// Opens (creating if needed) the store of the pipeline `identity`, and
     /// refuses one of another schema version or another pipeline.
     pub fn open(path: &Path, identity: &Identity) -> Result<Store, StoreError> {
+        not_a_file(path)?;
         let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
         let db = DB::open_cf_descriptors(&db_options(), path, cf_descriptors(&cache)).map_err(
             |error| {
@@ -137,6 +138,7 @@ impl Store {
     /// Opens a read-only view of a store another process may hold open,
     /// keeping RocksDB's secondary-instance files in `scratch`.
     pub fn open_secondary(path: &Path, scratch: &Path) -> Result<Store, StoreError> {
+        not_a_file(path)?;
         let mut opts = Options::default();
         opts.set_max_open_files(-1);
         let names = Table::ALL.iter().map(|t| t.name());
@@ -515,4 +517,15 @@ impl Iterator for Subscribers<'_> {
         }
         None
     }
+}
+
+/// RocksDB would report a file given as the store's directory as a failure
+/// to create it, in Rust's debug notation.
+fn not_a_file(path: &Path) -> Result<(), StoreError> {
+    if path.exists() && !path.is_dir() {
+        return Err(StoreError::NotADirectory {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
 }
