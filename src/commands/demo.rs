@@ -239,7 +239,7 @@ async fn run_demo(settings: &Settings, postgres: &ScratchPostgres) -> anyhow::Re
         println!("  ✗ \"{}\": error = {error}", String::from_utf8_lossy(key));
     }
     println!(
-        "\nAnd the rest:\n  • expired (Pizza Place, yesterday's deal): skipped and counted, not stored\n  \
+        "\nAnd the rest:\n  • expired (Pizza Place, ended an hour ago): skipped and counted, not stored\n  \
          • duplicate (Pizza Place again): everyone already had it, nobody notified twice\n  \
          • Empty Cafe: no subscribers, nobody to notify\n  \
          • Boris stands in two rows for Pizza Place and got one notification"
@@ -306,7 +306,8 @@ fn show_state(settings: &Settings) -> anyhow::Result<()> {
     };
     println!(
         "\nState store: {entries} entries ({} subscriptions, {} campaigns, {} sent, {} positions); \
-         `promo-fanout state dump --state-dir DIR` prints them.",
+         on a real store `promo-fanout state dump --state-dir DIR` prints them \
+         (this one is removed when the demo ends).",
         count("subscriptions"),
         count("campaigns"),
         count("sent"),

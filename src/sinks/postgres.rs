@@ -152,6 +152,7 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = url.config.connect(url.connector()).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
+            let error = crate::infra::retry::postgres_text(&error);
             tracing::warn!(%error, "postgres connection closed");
         }
     });
