@@ -511,7 +511,9 @@ impl Source {
 const LAG_SLICE: Duration = Duration::from_millis(250);
 
 /// Publishes the consumer lag of each partition this instance holds (high
-/// watermark minus the recorded position) every `every`.
+/// watermark minus the recorded position) every `every`, and how many
+/// partitions the input topic has: summed over the group against
+/// `promo_fanout_partitions_held`, it shows partitions nobody reads.
 /// Watermarks are network round trips, so this runs on a thread and client of
 /// its own instead of in the batch loop, until the returned [`LagReporter`]
 /// is stopped or dropped.
@@ -527,6 +529,12 @@ pub fn report_lag(
     let thread = std::thread::Builder::new()
         .name("consumer-lag".into())
         .spawn(move || loop {
+            if let Ok(metadata) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(2)) {
+                if let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) {
+                    metrics::gauge!("promo_fanout_input_partitions")
+                        .set(t.partitions().len() as f64);
+                }
+            }
             let current = positions.borrow().clone();
             for p in current.keys() {
                 if stopped.try_recv() != Err(std::sync::mpsc::TryRecvError::Empty) {

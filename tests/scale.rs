@@ -226,6 +226,16 @@ fn wait_held(services: &[&Service], counts: &[f64]) {
     });
 }
 
+/// Waits until each of `services` reports `count` input partitions.
+fn wait_input_partitions(services: &[&Service], count: f64) {
+    wait_for("the input partitions to be counted", WAIT, || {
+        services
+            .iter()
+            .all(|s| s.metric("promo_fanout_input_partitions") == count)
+            .then_some(())
+    });
+}
+
 /// How many times `services` were fenced (each logs the fence once, when it
 /// joins again or when it was stopping anyway).
 fn fences(services: &[&Service]) -> usize {
@@ -639,11 +649,15 @@ fn a_partition_added_to_the_input_topic_is_taken_at_the_next_rebalance() {
     let a = fanout.instance("a");
     let b = fanout.instance("b");
     wait_held(&[&a, &b], &[1.0, 1.0]);
+    wait_input_partitions(&[&a, &b], 2.0);
     fanout.produce_some(0..2);
     fanout.wait_rows(4_000);
 
     assert_eq!(broker.add_partition(&input), 2);
     fanout.produce_some(2..3);
+    // Until the next rebalance the new partition is read by nobody, and the
+    // metrics say so (see the alert PromoFanoutPartitionsUnheld).
+    wait_input_partitions(&[&a, &b], 3.0);
     wait_for("the added partition to be held", WAIT, || {
         (held(&a) + held(&b) == 3.0).then_some(())
     });
