@@ -269,6 +269,7 @@ impl Pipeline {
             .await
             .map_err(|s| s.map(|e| RunError::MirrorStart(Box::new(e))))?;
         wait_for_topic(&settings, &source, &health, &shutdown).await?;
+        warn_of_missing_outputs(&settings, &source);
         source.subscribe().map_err(failed)?;
         let (recorded, positions_rx) = watch::channel(BTreeMap::new());
         let lag = crate::source::report_lag(&settings, health.clone(), positions_rx, LAG_EVERY)
@@ -628,6 +629,21 @@ async fn connect_postgres(
 /// Waits for the input topic's partitions. A broker that never answers
 /// within `startup-timeout` is an error; a broker that answers that the topic
 /// does not exist is waited on (not ready) until someone creates it.
+/// The push and dead-letter topics are not waited for (the input may hold
+/// nothing to push for a long while), but a missing one is said at start:
+/// the first message to it would otherwise fail only after librdkafka's
+/// metadata wait (30 s), then be retried until the topic exists.
+fn warn_of_missing_outputs(settings: &Settings, source: &Source) {
+    for (role, topic) in [
+        ("push", &settings.output_topic),
+        ("dead-letter", &settings.dlq_topic),
+    ] {
+        if source.topic_exists(topic, Duration::from_secs(5)) == Some(false) {
+            tracing::warn!(%topic, "the {role} topic does not exist: its messages are retried until it is created");
+        }
+    }
+}
+
 async fn wait_for_topic(
     settings: &Settings,
     source: &Source,

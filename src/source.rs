@@ -328,6 +328,15 @@ impl Source {
     }
 
     /// The input topic's partitions, from the broker's metadata.
+    /// Whether the broker knows `topic` (`None`: it did not answer).
+    pub fn topic_exists(&self, topic: &str, timeout: Duration) -> Option<bool> {
+        let metadata =
+            tokio::task::block_in_place(|| self.consumer.fetch_metadata(Some(topic), timeout))
+                .ok()?;
+        let found = metadata.topics().iter().find(|t| t.name() == topic);
+        Some(found.is_some_and(|t| t.error().is_none() && !t.partitions().is_empty()))
+    }
+
     pub fn partitions(&self, timeout: Duration) -> Result<Vec<i32>, Failure> {
         let metadata = tokio::task::block_in_place(|| {
             self.consumer.fetch_metadata(Some(&self.topic), timeout)

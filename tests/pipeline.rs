@@ -540,3 +540,21 @@ fn kafka_properties_of_one_kind_of_client_raise_no_warnings_in_the_other() {
         "a property of one kind of client was warned about by the other"
     );
 }
+
+/// A push topic that does not exist is named at start: its first message
+/// would otherwise fail only after librdkafka's metadata wait (30 s). The
+/// topics that exist are not named.
+#[test]
+fn a_missing_push_topic_is_named_at_start() {
+    let db = Db::migrated();
+    let mut topics = Topics::new(1);
+    topics.output = unique("push-never-created");
+    let state = tempfile::tempdir().unwrap();
+    let mut service = Service::start(&db, &topics, state.path(), &[]);
+    service.wait_ready();
+    let warning = "the push topic does not exist";
+    wait_for("the missing push topic to be named", WAIT, || {
+        (service.logged(warning) && service.logged(&topics.output)).then_some(())
+    });
+    assert!(!service.logged("the dead-letter topic does not exist"));
+}
