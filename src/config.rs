@@ -505,6 +505,14 @@ impl Settings {
     }
 }
 
+/// The environment variable that sets `key`: [`env_key`] backwards.
+fn env_var(key: &str) -> String {
+    format!(
+        "PROMO_FANOUT_{}",
+        key.to_ascii_uppercase().replace(['-', '.'], "_")
+    )
+}
+
 /// `postgres_url` → `postgres-url`; `kafka_sasl_mechanism` → `kafka.sasl.mechanism`.
 fn env_key(key: &str) -> String {
     let key = key.to_ascii_lowercase();
@@ -519,7 +527,7 @@ fn env_key(key: &str) -> String {
 fn describe(e: figment::Error) -> String {
     e.into_iter()
         .map(|e| {
-            let key = e.path.join(".").to_ascii_lowercase();
+            let key = e.path.join(".");
             format!("{}: {}", origin(e.metadata.as_ref(), &key), e.kind)
         })
         .collect::<Vec<_>>()
@@ -534,12 +542,7 @@ fn origin(metadata: Option<&figment::Metadata>, key: &str) -> String {
     };
     match &metadata.source {
         Some(figment::Source::File(path)) => format!("{key} in {}", path.display()),
-        _ if metadata.name.contains("environment") => {
-            format!(
-                "PROMO_FANOUT_{}",
-                key.to_ascii_uppercase().replace(['-', '.'], "_")
-            )
-        }
+        _ if metadata.name.contains("environment") => env_var(key),
         _ if metadata.name.ends_with("SettingsArgs") => format!("--{key}"),
         _ => key.to_owned(),
     }
@@ -632,6 +635,15 @@ fn flat_properties<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, S
 mod tests {
     use super::*;
     use figment::Jail;
+
+    #[test]
+    fn an_environment_variable_name_is_derived_back_from_its_key() {
+        for key in ["postgres-url", "batch-size", "kafka.sasl.mechanism"] {
+            let var = env_var(key);
+            let unprefixed = var.strip_prefix("PROMO_FANOUT_").unwrap();
+            assert_eq!(env_key(unprefixed), key, "{var}");
+        }
+    }
 
     #[test]
     fn flags_beat_env_beat_file_beat_defaults() {

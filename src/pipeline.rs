@@ -269,8 +269,9 @@ impl Pipeline {
             .await
             .map_err(|s| s.map(|e| RunError::MirrorStart(Box::new(e))))?;
         wait_for_topic(&settings, &source, &health, &shutdown).await?;
-        warn_of_missing_outputs(&settings, &source);
         source.subscribe().map_err(failed)?;
+        warn_of_missing_outputs(&settings, &source);
+        metrics::gauge!("promo_fanout_partitions_held").set(0.0);
         let (recorded, positions_rx) = watch::channel(BTreeMap::new());
         let lag = crate::source::report_lag(&settings, health.clone(), positions_rx, LAG_EVERY)
             .map_err(failed)?;
@@ -626,9 +627,6 @@ async fn connect_postgres(
     }
 }
 
-/// Waits for the input topic's partitions. A broker that never answers
-/// within `startup-timeout` is an error; a broker that answers that the topic
-/// does not exist is waited on (not ready) until someone creates it.
 /// The push and dead-letter topics are not waited for (the input may hold
 /// nothing to push for a long while), but a missing one is said at start:
 /// the first message to it would otherwise fail only after librdkafka's
@@ -644,6 +642,9 @@ fn warn_of_missing_outputs(settings: &Settings, source: &Source) {
     }
 }
 
+/// Waits for the input topic's partitions. A broker that never answers
+/// within `startup-timeout` is an error; a broker that answers that the topic
+/// does not exist is waited on (not ready) until someone creates it.
 async fn wait_for_topic(
     settings: &Settings,
     source: &Source,

@@ -328,31 +328,39 @@ impl Source {
     }
 
     /// The input topic's partitions, from the broker's metadata.
-    /// Whether the broker knows `topic` (`None`: it did not answer).
-    pub fn topic_exists(&self, topic: &str, timeout: Duration) -> Option<bool> {
-        let metadata =
-            tokio::task::block_in_place(|| self.consumer.fetch_metadata(Some(topic), timeout))
-                .ok()?;
-        let found = metadata.topics().iter().find(|t| t.name() == topic);
-        Some(found.is_some_and(|t| t.error().is_none() && !t.partitions().is_empty()))
+    pub fn partitions(&self, timeout: Duration) -> Result<Vec<i32>, Failure> {
+        self.partitions_of(&self.topic, timeout)
     }
 
-    pub fn partitions(&self, timeout: Duration) -> Result<Vec<i32>, Failure> {
-        let metadata = tokio::task::block_in_place(|| {
-            self.consumer.fetch_metadata(Some(&self.topic), timeout)
-        })
-        .map_err(Failure::Kafka)?;
-        let topic = metadata
+    /// Whether the broker knows `topic`: `None` if it did not say (no
+    /// answer, no leader yet, not authorized).
+    pub fn topic_exists(&self, topic: &str, timeout: Duration) -> Option<bool> {
+        match self.partitions_of(topic, timeout) {
+            Ok(partitions) => Some(!partitions.is_empty()),
+            Err(Failure::Kafka(e))
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) =>
+            {
+                Some(false)
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn partitions_of(&self, topic: &str, timeout: Duration) -> Result<Vec<i32>, Failure> {
+        let metadata =
+            tokio::task::block_in_place(|| self.consumer.fetch_metadata(Some(topic), timeout))
+                .map_err(Failure::Kafka)?;
+        let found = metadata
             .topics()
             .iter()
-            .find(|t| t.name() == self.topic)
+            .find(|t| t.name() == topic)
             .ok_or(Failure::Kafka(KafkaError::MetadataFetch(
-                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+                RDKafkaErrorCode::UnknownTopicOrPartition,
             )))?;
-        if let Some(err) = topic.error() {
+        if let Some(err) = found.error() {
             return Err(Failure::Kafka(KafkaError::MetadataFetch(err.into())));
         }
-        Ok(topic.partitions().iter().map(|p| p.id()).collect())
+        Ok(found.partitions().iter().map(|p| p.id()).collect())
     }
 
     /// Where each partition starts: its position in the store, else the
@@ -538,11 +546,16 @@ pub fn report_lag(
     let thread = std::thread::Builder::new()
         .name("consumer-lag".into())
         .spawn(move || loop {
-            if let Ok(metadata) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(2)) {
-                if let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) {
-                    metrics::gauge!("promo_fanout_input_partitions")
-                        .set(t.partitions().len() as f64);
-                }
+            if stopped.try_recv() != Err(std::sync::mpsc::TryRecvError::Empty) {
+                return;
+            }
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(2));
+            let found = metadata.as_ref().ok().and_then(|m| {
+                let t = m.topics().iter().find(|t| t.name() == topic)?;
+                t.error().is_none().then(|| t.partitions().len())
+            });
+            if let Some(count) = found {
+                metrics::gauge!("promo_fanout_input_partitions").set(count as f64);
             }
             let current = positions.borrow().clone();
             for p in current.keys() {
@@ -586,7 +599,8 @@ pub struct LagReporter {
 }
 
 impl LagReporter {
-    /// Stops the thread and waits for it (at most one watermark request).
+    /// Stops the thread and waits for it (at most one metadata or watermark
+    /// request).
     pub async fn stop(mut self) {
         self.stop.take();
         if let Some(thread) = self.thread.take() {

@@ -556,5 +556,9 @@ fn a_missing_push_topic_is_named_at_start() {
     wait_for("the missing push topic to be named", WAIT, || {
         (service.logged(warning) && service.logged(&topics.output)).then_some(())
     });
+    // Logged after both topics were looked at.
+    wait_for("the partitions to be taken", WAIT, || {
+        service.logged("input partitions taken").then_some(())
+    });
     assert!(!service.logged("the dead-letter topic does not exist"));
 }

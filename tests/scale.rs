@@ -655,8 +655,8 @@ fn a_partition_added_to_the_input_topic_is_taken_at_the_next_rebalance() {
 
     assert_eq!(broker.add_partition(&input), 2);
     fanout.produce_some(2..3);
-    // Until the next rebalance the new partition is read by nobody, and the
-    // metrics say so (see the alert PromoFanoutPartitionsUnheld).
+    // The count the alert PromoFanoutPartitionsUnheld holds against the
+    // partitions held.
     wait_input_partitions(&[&a, &b], 3.0);
     wait_for("the added partition to be held", WAIT, || {
         (held(&a) + held(&b) == 3.0).then_some(())
