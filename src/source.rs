@@ -347,20 +347,8 @@ impl Source {
     }
 
     fn partitions_of(&self, topic: &str, timeout: Duration) -> Result<Vec<i32>, Failure> {
-        let metadata =
-            tokio::task::block_in_place(|| self.consumer.fetch_metadata(Some(topic), timeout))
-                .map_err(Failure::Kafka)?;
-        let found = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .ok_or(Failure::Kafka(KafkaError::MetadataFetch(
-                RDKafkaErrorCode::UnknownTopicOrPartition,
-            )))?;
-        if let Some(err) = found.error() {
-            return Err(Failure::Kafka(KafkaError::MetadataFetch(err.into())));
-        }
-        Ok(found.partitions().iter().map(|p| p.id()).collect())
+        tokio::task::block_in_place(|| topic_partitions(&self.consumer, topic, timeout))
+            .map_err(Failure::Kafka)
     }
 
     /// Where each partition starts: its position in the store, else the
@@ -523,6 +511,28 @@ impl Source {
     }
 }
 
+/// `topic`'s partitions, from the broker's metadata; a topic the broker does
+/// not know is `UnknownTopicOrPartition`.
+fn topic_partitions<X: ConsumerContext>(
+    consumer: &impl Consumer<X>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, KafkaError> {
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let found =
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::UnknownTopicOrPartition,
+            ))?;
+    if let Some(err) = found.error() {
+        return Err(KafkaError::MetadataFetch(err.into()));
+    }
+    Ok(found.partitions().iter().map(|p| p.id()).collect())
+}
+
 /// How often the consumer-lag thread looks for a change of the partitions
 /// held between two reports.
 const LAG_SLICE: Duration = Duration::from_millis(250);
@@ -549,13 +559,8 @@ pub fn report_lag(
             if stopped.try_recv() != Err(std::sync::mpsc::TryRecvError::Empty) {
                 return;
             }
-            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(2));
-            let found = metadata.as_ref().ok().and_then(|m| {
-                let t = m.topics().iter().find(|t| t.name() == topic)?;
-                t.error().is_none().then(|| t.partitions().len())
-            });
-            if let Some(count) = found {
-                metrics::gauge!("promo_fanout_input_partitions").set(count as f64);
+            if let Ok(partitions) = topic_partitions(&consumer, &topic, Duration::from_secs(2)) {
+                metrics::gauge!("promo_fanout_input_partitions").set(partitions.len() as f64);
             }
             let current = positions.borrow().clone();
             for p in current.keys() {
