@@ -160,6 +160,61 @@ fn a_kafka_outage_is_waited_out() {
     assert!(service.stop().success());
 }
 
+/// The same outage with librdkafka's own delivery timeout (5 min): every
+/// produce request is retried inside the client and no delivery report
+/// comes back, so no step fails. After 30 s without an acknowledgement
+/// /readyz names the producer all the same, the log says which step waits,
+/// and once the topic has a leader again the batch commits, once.
+#[test]
+fn a_delivery_left_unacknowledged_is_reported() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::RDKafkaRespErr;
+
+    let db = Db::migrated();
+    let state = tempfile::tempdir().unwrap();
+    let mock = MockCluster::new(1).unwrap();
+    let topics = Topics::on_mock(&mock, 1);
+    let r = Uuid::new_v4();
+    db.new_subscribers(r, 10);
+
+    let mut args = Service::settings(&db, &topics, state.path());
+    Service::set_flag(&mut args, "--brokers", mock.bootstrap_servers());
+    let mut service = Service::spawn(args, vec![], state.path());
+    service.wait_ready();
+
+    mock.topic_error(
+        &topics.output,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+    )
+    .unwrap();
+    Producer::on(&mock.bootstrap_servers())
+        .send_action(&topics.input, &live_action(r, Uuid::new_v4()));
+    wait_for("/readyz to name the producer", WAIT, || {
+        let (status, body) = service.get("/readyz")?;
+        (status == 503 && body.contains("kafka: producing failing or not acknowledged"))
+            .then_some(())
+    });
+    assert!(service.logged("step still waiting for an answer"));
+    assert_eq!(
+        service.metric("promo_fanout_retries_total"),
+        0.0,
+        "librdkafka retries by itself: no step failed"
+    );
+    assert!(dump(state.path(), Some("sent")).is_empty());
+    assert_eq!(db.feedback_count(), 0);
+
+    mock.topic_error(&topics.output, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+        .unwrap();
+    wait_for("the batch to commit", WAIT, || {
+        (dump(state.path(), Some("sent")).len() == 10).then_some(())
+    });
+    service.wait_ready();
+    assert_eq!(db.feedback_count(), 10);
+    let mut push = Reader::on(&mock.bootstrap_servers(), &topics.output);
+    push.exactly(10, WAIT, "every push message once: none repeated");
+    assert!(service.stop().success());
+}
+
 /// The real broker process frozen with SIGSTOP for 30 s in the middle of a
 /// fan-out (connections open, nothing answering): the service reports itself
 /// not ready, commits nothing more, keeps running, and after SIGCONT finishes

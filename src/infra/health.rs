@@ -59,9 +59,15 @@ impl Health {
             out.push("mirror not loaded");
         }
         for (component, what) in [
-            (&self.feedback, "postgres: feedback writes failing"),
+            (
+                &self.feedback,
+                "postgres: feedback writes failing or not answering",
+            ),
             (&self.change_feed, "postgres: change feed failing"),
-            (&self.producer, "kafka: producing failing"),
+            (
+                &self.producer,
+                "kafka: producing failing or not acknowledged",
+            ),
             (&self.consumer, "kafka: consumer cannot reach the brokers"),
         ] {
             if !component.ok() {

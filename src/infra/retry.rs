@@ -279,6 +279,32 @@ pub fn backoff() -> impl Iterator<Item = Duration> {
         .map(|d| d / 2)
 }
 
+/// How long an attempt may go on before it is reported like a failed one.
+const STALLED_AFTER: Duration = Duration::from_secs(30);
+
+/// `attempt`'s outcome. One still under way after [`STALLED_AFTER`] is
+/// reported first, with a warning and `on_change(false)`, until it ends: a
+/// broker or database that takes requests and never answers (librdkafka
+/// retries a produce for up to `message.timeout.ms`, 5 min) is an outage
+/// too, and would otherwise go unseen.
+async fn watched<T>(
+    what: &'static str,
+    attempt: impl std::future::Future<Output = T>,
+    on_change: &mut impl FnMut(bool),
+) -> T {
+    tokio::pin!(attempt);
+    if let Ok(outcome) = tokio::time::timeout(STALLED_AFTER, &mut attempt).await {
+        return outcome;
+    }
+    on_change(false);
+    tracing::warn!(
+        step = what,
+        waited_s = STALLED_AFTER.as_secs(),
+        "step still waiting for an answer; not ready until it ends"
+    );
+    attempt.await
+}
+
 /// How long an attempt under way may go on after a shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -332,7 +358,7 @@ where
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
         let attempt = tokio::select! {
-            outcome = op() => outcome,
+            outcome = watched(what, op(), &mut on_change) => outcome,
             _ = grace => return Err(Stopped::Shutdown),
         };
         match attempt {
