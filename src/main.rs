@@ -49,8 +49,9 @@ enum StateCommand {
     /// Rebuild the store from Postgres: the mirror from a snapshot, the sent
     /// set from subscribers_feedback.
     Rebuild,
-    /// Move a stored input position deliberately (the service stopped): the
-    /// next message read from the partition will be OFFSET.
+    /// Move an input partition's recorded position deliberately: the next
+    /// message read from it, by whichever instance takes it, will be OFFSET.
+    /// A running holder lets go of the partition and takes it again.
     SetPosition {
         /// The input topic's partition.
         #[arg(long)]
@@ -136,7 +137,8 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             command: StateCommand::SetPosition { partition, offset },
         } => {
             let moved =
-                promo_fanout::commands::set_position::set_position(&settings, partition, offset)?;
+                promo_fanout::commands::set_position::set_position(&settings, partition, offset)
+                    .await?;
             println!("{moved}");
         }
         Command::Group => {

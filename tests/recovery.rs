@@ -252,22 +252,25 @@ fn latest_skips_to_the_end_of_the_partition() {
 }
 
 /// An operator's way past a message: with the service stopped, `state
-/// set-position` moves the stored position, says what it skips, refuses
-/// while the service holds the store, and the restarted service starts there.
+/// set-position` moves the partition's recorded position in Postgres, says
+/// what it skips, refuses while a service here holds the store and for a
+/// partition the topic does not have. The move holds for whichever instance
+/// takes the partition next: one with an empty store, and the one whose
+/// store still has the old position.
 #[test]
 fn set_position_steps_over_a_message_deliberately() {
     let db = Db::migrated();
     let topics = Topics::new(1);
-    let state = tempfile::tempdir().unwrap();
+    let (first, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (r, client) = (Uuid::new_v4(), Uuid::new_v4());
     db.subscribe(r, client);
-    let settings = Service::settings(&db, &topics, state.path());
-    let set_position = |offset: &str| {
-        let mut args: Vec<String> = ["state", "set-position", "--partition", "0", "--offset"]
+    let settings = Service::settings(&db, &topics, first.path());
+    let set_position = |partition: &str, offset: &str| {
+        let mut args: Vec<String> = ["state", "set-position", "--partition", partition]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        args.push(offset.into());
+        args.extend(["--offset".into(), offset.into()]);
         args.extend(settings.iter().cloned());
         std::process::Command::new(BIN)
             .args(&args)
@@ -275,22 +278,35 @@ fn set_position_steps_over_a_message_deliberately() {
             .unwrap()
     };
 
-    let mut service = Service::start(&db, &topics, state.path(), &[]);
+    let mut service = Service::start(&db, &topics, first.path(), &[]);
     let p = Producer::new();
-    let (k_first, k_skipped, k_after) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let (k_first, k_skipped, k_after, k_last) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
     p.send_action(&topics.input, &live_action(r, k_first));
     wait_for("the first action", WAIT, || {
-        (input_positions(state.path()) == vec![(0, 1)]).then_some(())
+        (input_positions(first.path()) == vec![(0, 1)]).then_some(())
     });
-    let held = set_position("2");
+    let held = set_position("0", "2");
     assert_eq!(held.status.code(), Some(1));
     let said = String::from_utf8_lossy(&held.stderr);
     assert!(said.contains("held by another process"), "{said}");
     assert!(service.stop().success());
 
+    let missing = set_position("5", "2");
+    assert_eq!(missing.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        said.contains(&format!("{} has no partition 5 (it has 1)", topics.input)),
+        "{said}"
+    );
+
     p.send_action(&topics.input, &live_action(r, k_skipped));
     p.send_action(&topics.input, &live_action(r, k_after));
-    let moved = set_position("2");
+    let moved = set_position("0", "2");
     assert!(
         moved.status.success(),
         "{}",
@@ -304,13 +320,34 @@ fn set_position_steps_over_a_message_deliberately() {
         )),
         "{said}"
     );
-    assert_eq!(input_positions(state.path()), vec![(0, 2)]);
+    let report = group_report(&settings);
+    assert!(
+        report.lines().any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.first() == Some(&"0")
+                && cols.get(1) == Some(&"set-position")
+                && cols.last() == Some(&"2")
+        }),
+        "{report}"
+    );
 
-    service.restart();
+    // Another instance, with an empty store, takes the partition.
+    let mut args = Service::settings(&db, &topics, other.path());
+    Service::set_flag(&mut args, "--instance-id", "elsewhere".into());
+    let mut elsewhere = Service::spawn(args, vec![], other.path());
     wait_for("the action after the skipped one", WAIT, || {
         (feedback_of(&db, k_after) == 1).then_some(())
     });
+    assert!(elsewhere.stop().success());
+    // The first instance, whose store still says 1, takes it back.
+    service.restart();
+    p.send_action(&topics.input, &live_action(r, k_last));
+    wait_for("the last action", WAIT, || {
+        (feedback_of(&db, k_last) == 1).then_some(())
+    });
+    assert_eq!(input_positions(first.path()), vec![(0, 4)]);
     assert_eq!(feedback_of(&db, k_first), 1);
+    assert_eq!(feedback_of(&db, k_after), 1);
     assert_eq!(
         feedback_of(&db, k_skipped),
         0,
