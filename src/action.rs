@@ -176,7 +176,18 @@ fn diagnose(text: &str) -> Invalid {
             None | Some(Value::Null) => return Invalid(format!("{field}: missing")),
             Some(Value::Number(n)) if n.as_i64().is_some() => {}
             Some(Value::Number(n)) => {
-                return Invalid(format!("{field}: expected whole Unix seconds, got {n}"))
+                // 1.7e9 or 1700000000.0: a whole number, written as a float.
+                let written_as_float = n
+                    .as_f64()
+                    .is_some_and(|f| f.fract() == 0.0 && f.abs() < i64::MAX as f64);
+                let hint = if written_as_float {
+                    " (write it without a decimal point or exponent)"
+                } else {
+                    ""
+                };
+                return Invalid(format!(
+                    "{field}: expected an integer (Unix seconds), got {n}{hint}"
+                ));
             }
             Some(other) => {
                 return Invalid(format!(
@@ -312,7 +323,12 @@ mod tests {
             ),
             (
                 with("adv_campaign_datetime_end", 1.5.into()),
-                "adv_campaign_datetime_end: expected whole Unix seconds",
+                "adv_campaign_datetime_end: expected an integer (Unix seconds), got 1.5",
+            ),
+            (
+                with("datetime_created", 1.7e9.into()),
+                "datetime_created: expected an integer (Unix seconds), got 1700000000.0 (write \
+                 it without a decimal point or exponent)",
             ),
             (
                 with("adv_campaign_datetime_start", 1_800_000_000.into()),
