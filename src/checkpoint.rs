@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::stream::{FuturesOrdered, StreamExt};
 use promo_fanout_state::{Campaign, Commit, Origin, Ownership, Store};
@@ -459,9 +459,6 @@ fn report(batch: &Batch) {
     }
 }
 
-/// How long a delivery may go without an answer before it says so.
-const STUCK_DELIVERY: Duration = Duration::from_secs(15);
-
 /// A batch that went through the whole delivery order.
 #[derive(Debug)]
 pub struct Recorded {
@@ -570,23 +567,9 @@ async fn commit(
     shutdown: CancellationToken,
 ) -> Result<Recorded, Stopped> {
     let started = Instant::now();
-    // A sink that fails is retried and logged by the delivery itself; one
-    // that neither answers nor fails would be silent, so say so here.
-    let delivered = {
-        let delivery = checkpoint.deliver(&batch, &shutdown);
-        tokio::pin!(delivery);
-        loop {
-            match tokio::time::timeout(STUCK_DELIVERY, &mut delivery).await {
-                Ok(outcome) => break outcome?,
-                Err(_) => tracing::warn!(
-                    seconds = started.elapsed().as_secs(),
-                    notifications = batch.plan.notifications.len(),
-                    "a batch is still being delivered without an error: waiting on a \
-                     Postgres commit or the broker's acknowledgements"
-                ),
-            }
-        }
-    };
+    // A sink that fails or does not answer is retried, logged and reported
+    // by the delivery's steps themselves (`until_done`).
+    let delivered = checkpoint.deliver(&batch, &shutdown).await?;
     if let Some(previous) = previous {
         // The batch before was not recorded (it failed, or the service is
         // stopping): recording this one would skip it.

@@ -162,7 +162,7 @@ fn a_kafka_outage_is_waited_out() {
 
 /// The same outage with librdkafka's own delivery timeout (5 min): every
 /// produce request is retried inside the client and no delivery report
-/// comes back, so no step fails. After 30 s without an acknowledgement
+/// comes back, so no step fails. After 15 s without an acknowledgement
 /// /readyz names the producer all the same, the log says which step waits,
 /// and once the topic has a leader again the batch commits, once.
 #[test]

@@ -280,29 +280,34 @@ pub fn backoff() -> impl Iterator<Item = Duration> {
 }
 
 /// How long an attempt may go on before it is reported like a failed one.
-const STALLED_AFTER: Duration = Duration::from_secs(30);
+const STALLED_AFTER: Duration = Duration::from_secs(15);
 
 /// `attempt`'s outcome. One still under way after [`STALLED_AFTER`] is
-/// reported first, with a warning and `on_change(false)`, until it ends: a
-/// broker or database that takes requests and never answers (librdkafka
-/// retries a produce for up to `message.timeout.ms`, 5 min) is an outage
-/// too, and would otherwise go unseen.
+/// reported like a failed one, with `on_change(false)` and a warning
+/// repeated every [`STALLED_AFTER`], until it ends: a broker or database
+/// that takes requests and never answers (librdkafka retries a produce by
+/// itself for up to `message.timeout.ms`, 5 min) is an outage too, and would
+/// otherwise go unseen.
 async fn watched<T>(
     what: &'static str,
     attempt: impl std::future::Future<Output = T>,
     on_change: &mut impl FnMut(bool),
 ) -> T {
+    let started = tokio::time::Instant::now();
     tokio::pin!(attempt);
-    if let Ok(outcome) = tokio::time::timeout(STALLED_AFTER, &mut attempt).await {
-        return outcome;
+    loop {
+        match tokio::time::timeout(STALLED_AFTER, &mut attempt).await {
+            Ok(outcome) => return outcome,
+            Err(_) => {
+                on_change(false);
+                tracing::warn!(
+                    step = what,
+                    waited_s = started.elapsed().as_secs(),
+                    "step still waiting for an answer; not ready until it ends"
+                );
+            }
+        }
     }
-    on_change(false);
-    tracing::warn!(
-        step = what,
-        waited_s = STALLED_AFTER.as_secs(),
-        "step still waiting for an answer; not ready until it ends"
-    );
-    attempt.await
 }
 
 /// How long an attempt under way may go on after a shutdown is requested.
