@@ -215,6 +215,51 @@ fn a_delivery_left_unacknowledged_is_reported() {
     assert!(service.stop().success());
 }
 
+/// The broker restarted without its data (tansu on memory storage) and the
+/// topics made again: the broker no longer knows the producers' id, and
+/// librdkafka retries under that id until the records time out (here after
+/// 10 s). The producers are then made again, and the action produced after
+/// the loss reaches both sinks, each notification once.
+#[test]
+fn a_broker_that_lost_its_data_gets_new_producers() {
+    let mut broker = PrivateBroker::start();
+    let db = Db::migrated();
+    let topics = Topics::on(&broker.addr, 1);
+    let state = tempfile::tempdir().unwrap();
+    let r = Uuid::new_v4();
+    db.new_subscribers(r, 20);
+
+    let mut args = Service::settings(&db, &topics, state.path());
+    Service::set_flag(&mut args, "--brokers", broker.addr.clone());
+    args.extend(["--kafka".into(), "message.timeout.ms=10000".into()]);
+    let mut service = Service::spawn(args, vec![], state.path());
+    service.wait_ready();
+    let (before, after) = (Uuid::new_v4(), Uuid::new_v4());
+    Producer::on(&broker.addr).send_action(&topics.input, &live_action(r, before));
+    wait_for("the fan-out before the loss", WAIT, || {
+        (db.feedback_count() == 20).then_some(())
+    });
+
+    broker.restart_empty();
+    topics.create_on(&broker.addr, 1);
+    // The stored position is 1 and the new log starts at 0: the first
+    // message there is never read (README, "No silent jumps").
+    let input = Producer::on(&broker.addr);
+    input.send_action(&topics.input, &live_action(r, before));
+    input.send_action(&topics.input, &live_action(r, after));
+    wait_for("the fan-out after the loss", WAIT, || {
+        (db.feedback_count() == 40).then_some(())
+    });
+    assert!(service.logged("the producers were made again"));
+    service.wait_ready();
+    let mut push = Reader::on(&broker.addr, &topics.output);
+    let seen = push.exactly(20, WAIT, "every push message once: none repeated");
+    assert!(seen
+        .iter()
+        .all(|m| m.json()["adv_campaign_id"] == after.to_string()));
+    assert!(service.stop().success());
+}
+
 /// The real broker process frozen with SIGSTOP for 30 s in the middle of a
 /// fan-out (connections open, nothing answering): the service reports itself
 /// not ready, commits nothing more, keeps running, and after SIGCONT finishes

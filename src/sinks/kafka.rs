@@ -328,14 +328,34 @@ pub const PRODUCER_GUARANTEE: &[(&str, &str)] = &[("enable.idempotence", "true")
 pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[("linger.ms", "5"), ("compression.type", "lz4")];
 
 pub struct KafkaSink {
-    /// Push messages, within the `message.max.bytes` the decoder holds
-    /// actions to.
-    producer: FutureProducer<Logged>,
-    /// Dead letters: an input message too large for the pipeline is sent
-    /// whole whenever the broker takes it.
-    dlq_producer: FutureProducer<Logged>,
+    /// Made again by [`KafkaSink::renew`].
+    producers: std::sync::RwLock<Producers>,
+    /// The push producer's configuration.
+    config: ClientConfig,
     output_topic: String,
     dlq_topic: String,
+}
+
+/// The two producers, cheap to clone (each is a handle to its client).
+#[derive(Clone)]
+struct Producers {
+    /// Push messages, within the `message.max.bytes` the decoder holds
+    /// actions to.
+    push: FutureProducer<Logged>,
+    /// Dead letters: an input message too large for the pipeline is sent
+    /// whole whenever the broker takes it.
+    dlq: FutureProducer<Logged>,
+}
+
+impl Producers {
+    fn new(config: &ClientConfig) -> Result<Producers, KafkaError> {
+        let mut dlq = config.clone();
+        dlq.set("message.max.bytes", DLQ_MESSAGE_MAX_BYTES);
+        Ok(Producers {
+            push: config.create_with_context(Logged)?,
+            dlq: dlq.create_with_context(Logged)?,
+        })
+    }
 }
 
 impl KafkaSink {
@@ -350,14 +370,30 @@ impl KafkaSink {
                 config.set(*k, *v);
             }
         }
-        let producer = config.create_with_context(Logged)?;
-        config.set("message.max.bytes", DLQ_MESSAGE_MAX_BYTES);
         Ok(KafkaSink {
-            producer,
-            dlq_producer: config.create_with_context(Logged)?,
+            producers: std::sync::RwLock::new(Producers::new(&config)?),
+            config,
             output_topic: settings.output_topic.clone(),
             dlq_topic: settings.dlq_topic.clone(),
         })
+    }
+
+    /// Replaces both producers, for records that timed out: librdkafka keeps
+    /// an idempotent producer's id for the life of its client, and a broker
+    /// that lost its state (tansu restarted without storage) answers every
+    /// produce under that id with `UnknownProducerId`, which librdkafka
+    /// retries until the records time out. Only a new client asks for a new
+    /// id. Records still in flight on the old producers finish there.
+    fn renew(&self) {
+        match Producers::new(&self.config) {
+            Ok(fresh) => {
+                *self.producers.write().expect("not poisoned") = fresh;
+                tracing::warn!("records timed out: the producers were made again");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "records timed out; the producers could not be made again")
+            }
+        }
     }
 
     /// Produces every record of `outbox` not yet acknowledged and waits for
@@ -366,6 +402,7 @@ impl KafkaSink {
     /// Otherwise the first error; the records acknowledged meanwhile stay
     /// acknowledged, so calling again re-sends only the rest.
     pub async fn send(&self, outbox: &mut Outbox) -> Result<(), Failure> {
+        let producers = self.producers.read().expect("not poisoned").clone();
         let mut reports = FuturesUnordered::new();
         let mut failure = None;
         for i in 0..outbox.records.len() {
@@ -373,9 +410,9 @@ impl KafkaSink {
                 continue;
             }
             let producer = if outbox.records[i].0.topic_is_dlq {
-                &self.dlq_producer
+                &producers.dlq
             } else {
-                &self.producer
+                &producers.push
             };
             loop {
                 match producer.send_result(self.record(&outbox.records[i].0)) {
@@ -402,7 +439,12 @@ impl KafkaSink {
             failure = failure.or(outbox.settle(i, r));
         }
         match failure {
-            Some(error) => Err(error),
+            Some(error) => {
+                if timed_out(&error) {
+                    self.renew();
+                }
+                Err(error)
+            }
             // A dead letter put back without its payload is produced again.
             None if outbox.pending() > 0 => Box::pin(self.send(outbox)).await,
             None => Ok(()),
@@ -433,6 +475,10 @@ impl KafkaSink {
         }
         record
     }
+}
+
+fn timed_out(failure: &Failure) -> bool {
+    matches!(failure, Failure::Kafka(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut))
 }
 
 /// A delivery report, tagged with its record's index.

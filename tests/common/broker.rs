@@ -66,6 +66,13 @@ impl Topics {
             dlq: unique("dlq"),
             group: unique("group"),
         };
+        t.create_on(brokers, partitions);
+        t
+    }
+
+    /// Creates these topics on `brokers` (again, after a broker lost them).
+    pub fn create_on(&self, brokers: &str, partitions: i32) {
+        let t = self;
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .create()
@@ -85,7 +92,6 @@ impl Topics {
         for r in results {
             r.unwrap();
         }
-        t
     }
 }
 
@@ -430,30 +436,19 @@ impl PrivateBroker {
     }
 
     fn spawn(storage: &str, dir: Option<tempfile::TempDir>) -> PrivateBroker {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let url = format!("tcp://{addr}");
-        let tansu = std::env::var("PF_TEST_TANSU").unwrap_or_else(|_| "tansu".into());
-        let mut command = Command::new(&tansu);
-        command
-            .args(["broker", "--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
-            .args(["--storage-engine", storage])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // tansu opens a SQLite database relative to its working directory.
-        if let Some(dir) = &dir {
-            command.current_dir(dir.path());
-        }
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {tansu} (scripts/test.sh installs it): {e}"));
-        wait_for(
-            "the private broker to listen",
-            Duration::from_secs(30),
-            || std::net::TcpStream::connect(&addr).ok(),
-        );
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = launch(&addr, storage, dir.as_ref().map(|d| d.path()));
         PrivateBroker { child, addr, dir }
+    }
+
+    /// Kills a broker on memory storage and starts another on the same
+    /// address: every topic, offset, group and producer id is gone, as
+    /// after a broker lost its disk.
+    pub fn restart_empty(&mut self) {
+        assert!(self.dir.is_none(), "a broker on memory storage");
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = launch(&self.addr, "memory://tansu/", None);
     }
 
     /// Adds a partition to `topic` as Kafka's CreatePartitions would, in
@@ -499,6 +494,32 @@ impl PrivateBroker {
     pub fn thaw(&self) {
         signal(&self.child, Signal::SIGCONT);
     }
+}
+
+/// A tansu broker listening on `addr`, its storage relative to `dir`.
+fn launch(addr: &str, storage: &str, dir: Option<&std::path::Path>) -> Child {
+    let url = format!("tcp://{addr}");
+    let tansu = std::env::var("PF_TEST_TANSU").unwrap_or_else(|_| "tansu".into());
+    let mut command = Command::new(&tansu);
+    command
+        .args(["broker", "--listener-url", &url])
+        .args(["--advertised-listener-url", &url])
+        .args(["--storage-engine", storage])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // tansu opens a SQLite database relative to its working directory.
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    let child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {tansu} (scripts/test.sh installs it): {e}"));
+    wait_for(
+        "the private broker to listen",
+        Duration::from_secs(30),
+        || std::net::TcpStream::connect(addr).ok(),
+    );
+    child
 }
 
 /// Sends `sig` to a child process.
