@@ -177,13 +177,12 @@ fn diagnose(text: &str) -> Invalid {
             Some(Value::Number(n)) if n.as_i64().is_some() => {}
             Some(Value::Number(n)) => {
                 // 1.7e9 or 1700000000.0: a whole number, written as a float.
-                let written_as_float = n
-                    .as_f64()
-                    .is_some_and(|f| f.fract() == 0.0 && f.abs() < i64::MAX as f64);
-                let hint = if written_as_float {
-                    " (write it without a decimal point or exponent)"
-                } else {
-                    ""
+                let hint = match n.as_f64() {
+                    Some(f) if f.fract() == 0.0 && f.abs() < i64::MAX as f64 => {
+                        " (write it without a decimal point or exponent)"
+                    }
+                    Some(f) if f.fract() == 0.0 => " (out of range)",
+                    _ => "",
                 };
                 return Invalid(format!(
                     "{field}: expected an integer (Unix seconds), got {n}{hint}"

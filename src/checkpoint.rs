@@ -16,7 +16,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::fanout::{key_of, CampaignKey, Notification, Plan};
 use crate::infra::health::Health;
-use crate::infra::retry::{until_done, Stopped};
+use crate::infra::retry::{until_written, Stopped};
 use crate::partitions::{self, Scope};
 use crate::sinks::{DeadLetter, FeedbackSink, KafkaSink, Open, Outbox, Refusals};
 use crate::source::{CommitMode, Source};
@@ -144,7 +144,7 @@ impl Checkpoint {
         let mut refused = Refusals::new();
         let mut open = None;
         if !notifications.is_empty() {
-            let began = until_done(
+            let began = until_written(
                 "postgres",
                 || self.feedback.begin(&notifications),
                 shutdown,
@@ -243,7 +243,7 @@ impl Checkpoint {
         let open = (rows.len() == delivered.inserted).then_some(delivered.open);
         let open = std::sync::Mutex::new(open.flatten());
         let held = self.held.lock().expect("not poisoned").clone();
-        let now_held = until_done(
+        let now_held = until_written(
             "postgres",
             || {
                 let open = open.lock().expect("not poisoned").take();
@@ -349,7 +349,7 @@ impl Checkpoint {
         shutdown: &CancellationToken,
     ) -> Result<Outbox, Stopped> {
         let outbox = tokio::sync::Mutex::new(outbox);
-        until_done(
+        until_written(
             what,
             || async { self.kafka.send(&mut *outbox.lock().await).await },
             shutdown,
@@ -568,7 +568,7 @@ async fn commit(
 ) -> Result<Recorded, Stopped> {
     let started = Instant::now();
     // A sink that fails or does not answer is retried, logged and reported
-    // by the delivery's steps themselves (`until_done`).
+    // by the delivery's steps themselves (`until_written`).
     let delivered = checkpoint.deliver(&batch, &shutdown).await?;
     if let Some(previous) = previous {
         // The batch before was not recorded (it failed, or the service is

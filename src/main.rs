@@ -49,9 +49,9 @@ enum StateCommand {
     /// Rebuild the store from Postgres: the mirror from a snapshot, the sent
     /// set from subscribers_feedback.
     Rebuild,
-    /// Move an input partition's recorded position deliberately: the next
-    /// message read from it, by whichever instance takes it, will be OFFSET.
-    /// A running holder lets go of the partition and takes it again.
+    /// Move an input partition's recorded position deliberately, with every
+    /// instance stopped: the next message read from it, by whichever
+    /// instance takes it, will be OFFSET.
     SetPosition {
         /// The input topic's partition.
         #[arg(long)]

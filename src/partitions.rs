@@ -101,6 +101,63 @@ pub async fn take(
     Ok(taken)
 }
 
+/// Who `promo-fanout group` shows as a partition's holder after
+/// [`move_position`]: no instance, until one takes it.
+const MOVED_BY: &str = "set-position";
+
+/// Moves the partition's position and makes every holder's state of it
+/// stale: a new epoch fences a running holder's batches (it takes the
+/// partition again), and a new version makes whichever instance takes it
+/// next read its state back from Postgres, the new position included.
+const MOVE: &str = "\
+INSERT INTO promo_fanout_partitions AS p
+    (group_id, topic, partition, epoch, version, next_offset, owner, recorded_at)
+VALUES ($1, $2, $3, 1, 1, $4, $5, now())
+ON CONFLICT (group_id, topic, partition) DO UPDATE
+    SET epoch = p.epoch + 1, version = p.version + 1, next_offset = EXCLUDED.next_offset,
+        owner = EXCLUDED.owner, taken_at = now(), recorded_at = now()";
+
+/// A partition's durable position, the row locked until the transaction
+/// ends: `None` when no batch of it was ever recorded (version 0), else
+/// its next offset.
+const RECORDED: &str = "\
+SELECT version, next_offset FROM promo_fanout_partitions
+WHERE group_id = $1 AND topic = $2 AND partition = $3
+FOR UPDATE";
+
+/// The partition's recorded next offset, if any batch of it was recorded;
+/// the row stays locked until `tx` ends.
+pub async fn recorded(
+    tx: &tokio_postgres::Transaction<'_>,
+    scope: &Scope,
+    partition: i32,
+) -> Result<Option<Option<i64>>, tokio_postgres::Error> {
+    let row = tx
+        .query_opt(RECORDED, &[&scope.group_id, &scope.topic, &partition])
+        .await?;
+    Ok(row
+        .filter(|r| r.get::<_, i64>(0) > 0)
+        .map(|r| r.get::<_, Option<i64>>(1)))
+}
+
+/// Moves the partition's durable position to `next_offset` for whichever
+/// instance takes it next (`state set-position`).
+pub async fn move_position(
+    tx: &tokio_postgres::Transaction<'_>,
+    scope: &Scope,
+    partition: i32,
+    next_offset: i64,
+) -> Result<(), tokio_postgres::Error> {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+        &scope.group_id,
+        &scope.topic,
+        &partition,
+        &next_offset,
+        &MOVED_BY,
+    ];
+    tx.execute(MOVE, &params).await.map(drop)
+}
+
 /// What recording a batch writes to its partitions' durable state.
 #[derive(Debug, Default)]
 pub struct Record {

@@ -194,7 +194,11 @@ fn a_delivery_left_unacknowledged_is_reported() {
         (status == 503 && body.contains("kafka: producing failing or not acknowledged"))
             .then_some(())
     });
-    assert!(service.logged("step still waiting for an answer"));
+    wait_for("the log to name the waiting step", WAIT, || {
+        service
+            .logged("step still waiting for an answer")
+            .then_some(())
+    });
     assert_eq!(
         service.metric("promo_fanout_retries_total"),
         0.0,
@@ -218,9 +222,17 @@ fn a_delivery_left_unacknowledged_is_reported() {
 /// The broker restarted without its data (tansu on memory storage) and the
 /// topics made again: the broker no longer knows the producers' id, and
 /// librdkafka retries under that id until the records time out (here after
-/// 10 s). The producers are then made again, and the action produced after
+/// 10 s), or the broker finds its sequence out of order (when it gave the
+/// same id to the test's producer). The producers are then made again, and the action produced after
 /// the loss reaches both sinks, each notification once.
+///
+/// Not in CI: in about two runs of five the restarted tansu 0.6 never
+/// answers the consumer's rejoin (no rebalance is logged after the restart),
+/// so the input is never read again and the test waits out its limit; the
+/// producers are not reached. Run it with `cargo test --all-features --test
+/// outage -- --ignored`.
 #[test]
+#[ignore = "tansu 0.6 sometimes never answers the consumer's rejoin after its restart"]
 fn a_broker_that_lost_its_data_gets_new_producers() {
     let mut broker = PrivateBroker::start();
     let db = Db::migrated();
@@ -250,7 +262,11 @@ fn a_broker_that_lost_its_data_gets_new_producers() {
     wait_for("the fan-out after the loss", WAIT, || {
         (db.feedback_count() == 40).then_some(())
     });
-    assert!(service.logged("the producers were made again"));
+    wait_for("the log to say the producers were made again", WAIT, || {
+        service
+            .logged("the producers were made again")
+            .then_some(())
+    });
     service.wait_ready();
     let mut push = Reader::on(&broker.addr, &topics.output);
     let seen = push.exactly(20, WAIT, "every push message once: none repeated");

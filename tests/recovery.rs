@@ -251,107 +251,94 @@ fn latest_skips_to_the_end_of_the_partition() {
     assert!(service.stop().success());
 }
 
+/// `promo-fanout state set-position` with `settings`, its output.
+fn set_position(settings: &[String], partition: i32, offset: i64) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(["state", "set-position"])
+        .args(["--partition", &partition.to_string()])
+        .args(["--offset", &offset.to_string()])
+        .args(settings)
+        .output()
+        .unwrap()
+}
+
+/// `set_position`'s output once it succeeded: its stdout.
+fn moved(settings: &[String], partition: i32, offset: i64) -> String {
+    let out = set_position(settings, partition, offset);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// An operator's way past a message: with the service stopped, `state
 /// set-position` moves the partition's recorded position in Postgres, says
 /// what it skips, refuses while a service here holds the store and for a
 /// partition the topic does not have. The move holds for whichever instance
-/// takes the partition next: one with an empty store, and the one whose
-/// store still has the old position.
+/// takes the partition next: the one whose store still has the old position,
+/// and one with an empty store.
 #[test]
 fn set_position_steps_over_a_message_deliberately() {
     let db = Db::migrated();
     let topics = Topics::new(1);
     let (first, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (r, client) = (Uuid::new_v4(), Uuid::new_v4());
-    db.subscribe(r, client);
+    let r = Uuid::new_v4();
+    db.subscribe(r, Uuid::new_v4());
     let settings = Service::settings(&db, &topics, first.path());
-    let set_position = |partition: &str, offset: &str| {
-        let mut args: Vec<String> = ["state", "set-position", "--partition", partition]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        args.extend(["--offset".into(), offset.into()]);
-        args.extend(settings.iter().cloned());
-        std::process::Command::new(BIN)
-            .args(&args)
-            .output()
-            .unwrap()
-    };
-
     let mut service = Service::start(&db, &topics, first.path(), &[]);
     let p = Producer::new();
-    let (k_first, k_skipped, k_after, k_last) = (
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-    );
-    p.send_action(&topics.input, &live_action(r, k_first));
+    let k: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    p.send_action(&topics.input, &live_action(r, k[0]));
     wait_for("the first action", WAIT, || {
         (input_positions(first.path()) == vec![(0, 1)]).then_some(())
     });
-    let held = set_position("0", "2");
+    let held = set_position(&settings, 0, 2);
     assert_eq!(held.status.code(), Some(1));
-    let said = String::from_utf8_lossy(&held.stderr);
-    assert!(said.contains("held by another process"), "{said}");
+    assert!(String::from_utf8_lossy(&held.stderr).contains("held by another process"));
     assert!(service.stop().success());
-
-    let missing = set_position("5", "2");
+    let missing = set_position(&settings, 5, 2);
     assert_eq!(missing.status.code(), Some(1));
     let said = String::from_utf8_lossy(&missing.stderr);
-    assert!(
-        said.contains(&format!("{} has no partition 5 (it has 1)", topics.input)),
-        "{said}"
-    );
+    let expected = format!("{} has no partition 5 (it has 1)", topics.input);
+    assert!(said.contains(&expected), "{said}");
 
-    p.send_action(&topics.input, &live_action(r, k_skipped));
-    p.send_action(&topics.input, &live_action(r, k_after));
-    let moved = set_position("0", "2");
-    assert!(
-        moved.status.success(),
-        "{}",
-        String::from_utf8_lossy(&moved.stderr)
+    // Offsets 1 (skipped) and 2; the same instance takes the partition again.
+    p.send_action(&topics.input, &live_action(r, k[1]));
+    p.send_action(&topics.input, &live_action(r, k[2]));
+    let said = moved(&settings, 0, 2);
+    let expected = format!(
+        "{} partition 0: position 1 -> 2; skips 1 message(s), offsets 1 to 1",
+        topics.input
     );
-    let said = String::from_utf8_lossy(&moved.stdout);
-    assert!(
-        said.contains(&format!(
-            "{} partition 0: position 1 -> 2; skips 1 message(s), offsets 1 to 1",
-            topics.input
-        )),
-        "{said}"
-    );
+    assert!(said.contains(&expected), "{said}");
     let report = group_report(&settings);
-    assert!(
-        report.lines().any(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.first() == Some(&"0")
-                && cols.get(1) == Some(&"set-position")
-                && cols.last() == Some(&"2")
-        }),
+    let row: Vec<&str> = report.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        (row[0], row[1], row[4]),
+        ("0", "set-position", "2"),
         "{report}"
     );
+    service.restart();
+    wait_for("the action after the skipped one", WAIT, || {
+        (input_positions(first.path()) == vec![(0, 3)]).then_some(())
+    });
+    assert!(service.stop().success());
 
-    // Another instance, with an empty store, takes the partition.
+    // Offsets 3 (skipped) and 4; another instance, its store empty, takes it.
+    p.send_action(&topics.input, &live_action(r, k[3]));
+    p.send_action(&topics.input, &live_action(r, k[4]));
+    moved(&settings, 0, 4);
     let mut args = Service::settings(&db, &topics, other.path());
     Service::set_flag(&mut args, "--instance-id", "elsewhere".into());
     let mut elsewhere = Service::spawn(args, vec![], other.path());
-    wait_for("the action after the skipped one", WAIT, || {
-        (feedback_of(&db, k_after) == 1).then_some(())
+    wait_for("the last action", WAIT, || {
+        (feedback_of(&db, k[4]) == 1).then_some(())
     });
     assert!(elsewhere.stop().success());
-    // The first instance, whose store still says 1, takes it back.
-    service.restart();
-    p.send_action(&topics.input, &live_action(r, k_last));
-    wait_for("the last action", WAIT, || {
-        (feedback_of(&db, k_last) == 1).then_some(())
-    });
-    assert_eq!(input_positions(first.path()), vec![(0, 4)]);
-    assert_eq!(feedback_of(&db, k_first), 1);
-    assert_eq!(feedback_of(&db, k_after), 1);
+    assert_eq!(input_positions(other.path()), vec![(0, 5)]);
+    let notified: Vec<usize> = k.iter().map(|k| feedback_of(&db, *k)).collect();
     assert_eq!(
-        feedback_of(&db, k_skipped),
-        0,
-        "the skipped message is not processed"
+        notified,
+        [1, 0, 1, 0, 1],
+        "the skipped messages are not processed"
     );
-    assert!(service.stop().success());
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use promo_fanout_state::Store;
 
 use crate::config::Settings;
+use crate::partitions::{self, Scope};
 use crate::source::Source;
 
 /// What `set-position` changed.
@@ -56,35 +57,12 @@ impl fmt::Display for Moved {
     }
 }
 
-/// Who `promo-fanout group` shows as the partition's holder after a move:
-/// no instance holds it until one takes it again.
-const OWNER: &str = "set-position";
-
-/// Moves the partition's recorded position, making every holder's state of
-/// it stale: a new epoch fences a running holder's batches (it takes the
-/// partition again), and a new version makes whichever instance takes it
-/// next read its state back from Postgres, the new position included. The
-/// old one is `None` if no batch of the partition was ever recorded.
-const MOVE: &str = "\
-INSERT INTO promo_fanout_partitions AS p
-    (group_id, topic, partition, epoch, version, next_offset, owner, recorded_at)
-VALUES ($1, $2, $3, 1, 1, $4, $5, now())
-ON CONFLICT (group_id, topic, partition) DO UPDATE
-    SET epoch = p.epoch + 1, version = p.version + 1, next_offset = EXCLUDED.next_offset,
-        owner = EXCLUDED.owner, taken_at = now(), recorded_at = now()";
-
-/// The recorded position before the move: no row if the partition was never
-/// taken, `NULL` if no batch of it was recorded.
-const BEFORE: &str = "\
-SELECT next_offset FROM promo_fanout_partitions
-WHERE group_id = $1 AND topic = $2 AND partition = $3
-FOR UPDATE";
-
 /// Moves the recorded input position of `partition` to `offset` (the next
 /// message to read) in Postgres, where every instance restores a partition
 /// from: it holds whichever instance takes the partition next. Refuses a
-/// negative offset, a partition the input topic does not have, and a
-/// `--state-dir` whose store a running service holds.
+/// negative offset, a partition the input topic does not have, a
+/// `--state-dir` whose store a running service holds, and one whose state of
+/// the partition is not in Postgres yet.
 pub async fn set_position(
     settings: &Settings,
     partition: i32,
@@ -95,25 +73,33 @@ pub async fn set_position(
     // A service on this host holding its store is refused up front; one
     // elsewhere is fenced by the move.
     let dir = settings.state_dir();
-    let _held = (dir.join("CURRENT").exists())
+    let store = (dir.join("CURRENT").exists())
         .then(|| Store::open(dir, &crate::pipeline::identity(settings)))
         .transpose()?;
     let mut client = super::connect(&settings.postgres_url).await?;
     let tx = client.transaction().await?;
-    let (group, topic) = (&settings.group_id, &settings.input_topic);
-    let before = tx.query_opt(BEFORE, &[group, topic, &partition]).await?;
+    let scope = Scope::of(settings);
+    let before = partitions::recorded(&tx, &scope, partition).await?;
     if before.is_none() {
-        // Never taken: the topic may not have the partition at all.
+        // Nothing recorded: the topic may not have the partition, and a
+        // store from before the state was kept in Postgres may hold
+        // campaigns of it that its first start writes there (seeds).
         ensure_partition_exists(settings, partition)?;
+        if let Some(stored) = store.as_ref().map(|s| s.input_positions()).transpose()? {
+            anyhow::ensure!(
+                !stored.contains_key(&partition),
+                "{} holds partition {partition}'s state, which is not in Postgres yet: start \
+                 the service once so that it records it, stop it, then move the position",
+                dir.display()
+            );
+        }
     }
-    tx.execute(MOVE, &[group, topic, &partition, &offset, &OWNER])
-        .await?;
-    let old = before.and_then(|row| row.get(0));
+    partitions::move_position(&tx, &scope, partition, offset).await?;
     tx.commit().await?;
     Ok(Moved {
         topic: settings.input_topic.clone(),
         partition,
-        old,
+        old: before.flatten(),
         new: offset,
     })
 }

@@ -299,12 +299,12 @@ async fn watched<T>(
         match tokio::time::timeout(STALLED_AFTER, &mut attempt).await {
             Ok(outcome) => return outcome,
             Err(_) => {
-                on_change(false);
                 tracing::warn!(
                     step = what,
                     waited_s = started.elapsed().as_secs(),
                     "step still waiting for an answer; not ready until it ends"
                 );
+                on_change(false);
             }
         }
     }
@@ -344,9 +344,40 @@ impl From<Failure> for Stopped {
 /// can isolate refused data does so inside `op`).
 pub async fn until_done<T, F, Fut>(
     what: &'static str,
+    op: F,
+    shutdown: &CancellationToken,
+    on_change: impl FnMut(bool),
+) -> Result<T, Stopped>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Failure>>,
+{
+    retried(what, op, shutdown, on_change, false).await
+}
+
+/// [`until_done`] for a write to a sink, which answers in moments when
+/// healthy: an attempt still unanswered after [`STALLED_AFTER`] is reported
+/// like a failed one (see [`watched`]). Reads that stream for minutes by
+/// design (a snapshot, a partition's sent set) use [`until_done`].
+pub async fn until_written<T, F, Fut>(
+    what: &'static str,
+    op: F,
+    shutdown: &CancellationToken,
+    on_change: impl FnMut(bool),
+) -> Result<T, Stopped>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Failure>>,
+{
+    retried(what, op, shutdown, on_change, true).await
+}
+
+async fn retried<T, F, Fut>(
+    what: &'static str,
     mut op: F,
     shutdown: &CancellationToken,
     mut on_change: impl FnMut(bool),
+    watch: bool,
 ) -> Result<T, Stopped>
 where
     F: FnMut() -> Fut,
@@ -362,8 +393,15 @@ where
             shutdown.cancelled().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
+        let attempt = async {
+            if watch {
+                watched(what, op(), &mut on_change).await
+            } else {
+                op().await
+            }
+        };
         let attempt = tokio::select! {
-            outcome = watched(what, op(), &mut on_change) => outcome,
+            outcome = attempt => outcome,
             _ = grace => return Err(Stopped::Shutdown),
         };
         match attempt {

@@ -339,6 +339,8 @@ pub struct KafkaSink {
 /// The two producers, cheap to clone (each is a handle to its client).
 #[derive(Clone)]
 struct Producers {
+    /// Counts the renewals: a send renews only the producers it used.
+    generation: u64,
     /// Push messages, within the `message.max.bytes` the decoder holds
     /// actions to.
     push: FutureProducer<Logged>,
@@ -348,10 +350,11 @@ struct Producers {
 }
 
 impl Producers {
-    fn new(config: &ClientConfig) -> Result<Producers, KafkaError> {
+    fn new(config: &ClientConfig, generation: u64) -> Result<Producers, KafkaError> {
         let mut dlq = config.clone();
         dlq.set("message.max.bytes", DLQ_MESSAGE_MAX_BYTES);
         Ok(Producers {
+            generation,
             push: config.create_with_context(Logged)?,
             dlq: dlq.create_with_context(Logged)?,
         })
@@ -371,27 +374,36 @@ impl KafkaSink {
             }
         }
         Ok(KafkaSink {
-            producers: std::sync::RwLock::new(Producers::new(&config)?),
+            producers: std::sync::RwLock::new(Producers::new(&config, 0)?),
             config,
             output_topic: settings.output_topic.clone(),
             dlq_topic: settings.dlq_topic.clone(),
         })
     }
 
-    /// Replaces both producers, for records that timed out: librdkafka keeps
-    /// an idempotent producer's id for the life of its client, and a broker
-    /// that lost its state (tansu restarted without storage) answers every
-    /// produce under that id with `UnknownProducerId`, which librdkafka
-    /// retries until the records time out. Only a new client asks for a new
-    /// id. Records still in flight on the old producers finish there.
-    fn renew(&self) {
-        match Producers::new(&self.config) {
+    /// Replaces both producers, for records that timed out or were refused
+    /// for their producer id or sequence on them (`used`, unless another send
+    /// has replaced them already): librdkafka keeps an idempotent producer's
+    /// id for the life of its client, and a broker that lost its state
+    /// (tansu restarted on memory storage) fails every produce under that id
+    /// with `UnknownProducerId` until the records time out, or with
+    /// `OutOfOrderSequenceNumber` once it gave the same id to another
+    /// client. Only a new client asks for a new id. Records still in flight on
+    /// the old producers finish there; the last handle to them is dropped
+    /// off the runtime's workers (a client's drop waits for its threads).
+    fn renew(&self, used: u64) {
+        let mut current = self.producers.write().expect("not poisoned");
+        if current.generation != used {
+            return;
+        }
+        match Producers::new(&self.config, used + 1) {
             Ok(fresh) => {
-                *self.producers.write().expect("not poisoned") = fresh;
-                tracing::warn!("records timed out: the producers were made again");
+                let old = std::mem::replace(&mut *current, fresh);
+                tokio::task::spawn_blocking(move || drop(old));
+                tracing::warn!("the producers were made again, with a new producer id");
             }
             Err(error) => {
-                tracing::warn!(%error, "records timed out; the producers could not be made again")
+                tracing::warn!(%error, "the producers could not be made again")
             }
         }
     }
@@ -438,10 +450,15 @@ impl KafkaSink {
         while let Some((i, r)) = reports.next().await {
             failure = failure.or(outbox.settle(i, r));
         }
+        let used = producers.generation;
+        if self.producers.read().expect("not poisoned").generation != used {
+            // Renewed meanwhile: this may be the last handle to the old ones.
+            tokio::task::spawn_blocking(move || drop(producers));
+        }
         match failure {
             Some(error) => {
-                if timed_out(&error) {
-                    self.renew();
+                if needs_new_producers(&error) {
+                    self.renew(used);
                 }
                 Err(error)
             }
@@ -477,8 +494,26 @@ impl KafkaSink {
     }
 }
 
-fn timed_out(failure: &Failure) -> bool {
-    matches!(failure, Failure::Kafka(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut))
+/// Whether `failure` calls for new producers (see [`KafkaSink::renew`]):
+/// records that timed out, or a broker whose producer ids and sequences no
+/// longer match the client's (after it lost its state, a new client of it
+/// may even have been given the same id), which retrying on the same client
+/// cannot mend.
+fn needs_new_producers(failure: &Failure) -> bool {
+    use RDKafkaErrorCode as C;
+    let Failure::Kafka(e) = failure else {
+        return false;
+    };
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageTimedOut
+                | C::OutOfOrderSequenceNumber
+                | C::UnknownProducerId
+                | C::InvalidProducerEpoch
+                | C::InvalidProducerIdMapping
+        )
+    )
 }
 
 /// A delivery report, tagged with its record's index.
