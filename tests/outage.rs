@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rdkafka::types::RDKafkaRespErr;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -85,37 +86,74 @@ fn a_postgres_outage_is_waited_out() {
     assert!(service.stop().success());
 }
 
+/// The push topic made leaderless on librdkafka's mock cluster in the middle
+/// of a service's run: an action for 10 subscribers waits on it.
+struct LeaderlessPushTopic {
+    db: Db,
+    state: tempfile::TempDir,
+    mock: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    topics: Topics,
+    service: Service,
+}
+
+impl LeaderlessPushTopic {
+    /// Starts the service (with `extra` flags), makes the push topic
+    /// leaderless, then sends the action.
+    fn start(extra: &[&str]) -> LeaderlessPushTopic {
+        let db = Db::migrated();
+        let state = tempfile::tempdir().unwrap();
+        let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let topics = Topics::on_mock(&mock, 1);
+        let r = Uuid::new_v4();
+        db.new_subscribers(r, 10);
+        let mut args = Service::settings(&db, &topics, state.path());
+        Service::set_flag(&mut args, "--brokers", mock.bootstrap_servers());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let mut service = Service::spawn(args, vec![], state.path());
+        service.wait_ready();
+        mock.topic_error(
+            &topics.output,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+        )
+        .unwrap();
+        Producer::on(&mock.bootstrap_servers())
+            .send_action(&topics.input, &live_action(r, Uuid::new_v4()));
+        LeaderlessPushTopic {
+            db,
+            state,
+            mock,
+            topics,
+            service,
+        }
+    }
+
+    /// Gives the push topic its leader back: the batch commits, the service
+    /// is ready, and every notification is in both sinks once.
+    fn end(mut self) {
+        let (mock, topics, state) = (&self.mock, &self.topics, self.state.path());
+        mock.topic_error(&topics.output, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+            .unwrap();
+        wait_for("the batch to commit after the outage", WAIT, || {
+            (dump(state, Some("sent")).len() == 10).then_some(())
+        });
+        self.service.wait_ready();
+        assert_eq!(self.db.feedback_count(), 10);
+        let mut push = Reader::on(&mock.bootstrap_servers(), &topics.output);
+        push.exactly(10, WAIT, "every push message once: none repeated");
+        assert!(self.service.stop().success());
+    }
+}
+
 /// The push topic becomes unavailable (staged with librdkafka's mock cluster:
 /// its metadata answers "leader not available"): the service retries, reports
 /// itself not ready, moves no position, and delivers everything once the
 /// topic is back.
 #[test]
 fn a_kafka_outage_is_waited_out() {
-    use rdkafka::mocking::MockCluster;
-    use rdkafka::types::RDKafkaRespErr;
-
-    let db = Db::migrated();
-    let state = tempfile::tempdir().unwrap();
-    let mock = MockCluster::new(1).unwrap();
-    let topics = Topics::on_mock(&mock, 1);
-    let r = Uuid::new_v4();
-    db.new_subscribers(r, 10);
-
-    let mut args = Service::settings(&db, &topics, state.path());
-    Service::set_flag(&mut args, "--brokers", mock.bootstrap_servers());
     // Surface a stuck delivery as an error within seconds, not librdkafka's 5 minutes.
-    args.extend(["--kafka".into(), "message.timeout.ms=2000".into()]);
-    let mut service = Service::spawn(args, vec![], state.path());
-    service.wait_ready();
-
-    mock.topic_error(
-        &topics.output,
-        RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
-    )
-    .unwrap();
+    let mut outage = LeaderlessPushTopic::start(&["--kafka", "message.timeout.ms=2000"]);
     let broken_at = Instant::now();
-    let k = Uuid::new_v4();
-    Producer::on(&mock.bootstrap_servers()).send_action(&topics.input, &live_action(r, k));
+    let (service, state) = (&mut outage.service, outage.state.path());
 
     wait_for("/readyz to report the outage", WAIT, || {
         let (status, body) = service.get("/readyz")?;
@@ -124,18 +162,14 @@ fn a_kafka_outage_is_waited_out() {
     wait_for("a kafka retry to be counted", WAIT, || {
         (service.metric("promo_fanout_retries_total") > 0.0).then_some(())
     });
-    let positions = dump(state.path(), Some("positions"));
+    let positions = dump(state, Some("positions"));
     assert!(
         positions.iter().all(|p| p["kind"] != "input"),
         "no position moves: {positions:?}"
     );
-    assert_eq!(
-        dump(state.path(), Some("sent")).len(),
-        0,
-        "nothing is marked sent"
-    );
+    assert_eq!(dump(state, Some("sent")).len(), 0, "nothing is marked sent");
     hold(broken_at, || {
-        assert!(dump(state.path(), Some("sent")).is_empty());
+        assert!(dump(state, Some("sent")).is_empty());
         assert!(
             service.child.try_wait().unwrap().is_none(),
             "the service keeps running"
@@ -148,16 +182,7 @@ fn a_kafka_outage_is_waited_out() {
         assert!(!body.contains("consumer"), "{body}");
     });
 
-    mock.topic_error(&topics.output, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
-        .unwrap();
-    wait_for("the batch to commit after the outage", WAIT, || {
-        (dump(state.path(), Some("sent")).len() == 10).then_some(())
-    });
-    service.wait_ready();
-    assert_eq!(db.feedback_count(), 10);
-    let mut push = Reader::on(&mock.bootstrap_servers(), &topics.output);
-    push.exactly(10, WAIT, "every push message once: none repeated");
-    assert!(service.stop().success());
+    outage.end();
 }
 
 /// The same outage with librdkafka's own delivery timeout (5 min): every
@@ -167,28 +192,8 @@ fn a_kafka_outage_is_waited_out() {
 /// and once the topic has a leader again the batch commits, once.
 #[test]
 fn a_delivery_left_unacknowledged_is_reported() {
-    use rdkafka::mocking::MockCluster;
-    use rdkafka::types::RDKafkaRespErr;
-
-    let db = Db::migrated();
-    let state = tempfile::tempdir().unwrap();
-    let mock = MockCluster::new(1).unwrap();
-    let topics = Topics::on_mock(&mock, 1);
-    let r = Uuid::new_v4();
-    db.new_subscribers(r, 10);
-
-    let mut args = Service::settings(&db, &topics, state.path());
-    Service::set_flag(&mut args, "--brokers", mock.bootstrap_servers());
-    let mut service = Service::spawn(args, vec![], state.path());
-    service.wait_ready();
-
-    mock.topic_error(
-        &topics.output,
-        RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
-    )
-    .unwrap();
-    Producer::on(&mock.bootstrap_servers())
-        .send_action(&topics.input, &live_action(r, Uuid::new_v4()));
+    let outage = LeaderlessPushTopic::start(&[]);
+    let (service, state) = (&outage.service, outage.state.path());
     wait_for("/readyz to name the producer", WAIT, || {
         let (status, body) = service.get("/readyz")?;
         (status == 503 && body.contains("kafka: producing failing or not acknowledged"))
@@ -204,27 +209,18 @@ fn a_delivery_left_unacknowledged_is_reported() {
         0.0,
         "librdkafka retries by itself: no step failed"
     );
-    assert!(dump(state.path(), Some("sent")).is_empty());
-    assert_eq!(db.feedback_count(), 0);
-
-    mock.topic_error(&topics.output, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
-        .unwrap();
-    wait_for("the batch to commit", WAIT, || {
-        (dump(state.path(), Some("sent")).len() == 10).then_some(())
-    });
-    service.wait_ready();
-    assert_eq!(db.feedback_count(), 10);
-    let mut push = Reader::on(&mock.bootstrap_servers(), &topics.output);
-    push.exactly(10, WAIT, "every push message once: none repeated");
-    assert!(service.stop().success());
+    assert!(dump(state, Some("sent")).is_empty());
+    assert_eq!(outage.db.feedback_count(), 0);
+    outage.end();
 }
 
 /// The broker restarted without its data (tansu on memory storage) and the
 /// topics made again: the broker no longer knows the producers' id, and
 /// librdkafka retries under that id until the records time out (here after
 /// 10 s), or the broker finds its sequence out of order (when it gave the
-/// same id to the test's producer). The producers are then made again, and the action produced after
-/// the loss reaches both sinks, each notification once.
+/// same id to the test's producer). The producers are then made again, and
+/// the action produced after the loss reaches both sinks, each notification
+/// once.
 ///
 /// Not in CI: in about two runs of five the restarted tansu 0.6 never
 /// answers the consumer's rejoin (no rebalance is logged after the restart),
